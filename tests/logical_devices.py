@@ -1,0 +1,32 @@
+"""Splits this machine's CPU into logical devices so distributed code really runs.
+
+TensorFlow lets the device list be set only before its runtime starts, so every test
+module calls `configure_logical_cpus` at import time, before it touches a tensor. Under
+pytest all modules share one process: the first call configures, the others check.
+"""
+
+import tensorflow as tf
+
+NUM_LOGICAL_CPUS = 8
+
+
+def configure_logical_cpus(count=NUM_LOGICAL_CPUS):
+  """Makes `count` logical CPU devices, or checks that they already exist."""
+  cpu = tf.config.list_physical_devices("CPU")[0]
+  try:
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * count)
+  except RuntimeError:
+    # The runtime has started: fine as long as an earlier call made enough devices.
+    pass
+  available = len(tf.config.list_logical_devices("CPU"))
+  if available < count:
+    raise RuntimeError(
+        f"{count} logical CPUs are needed but the TensorFlow runtime started with "
+        f"{available}; call configure_logical_cpus() before any TensorFlow op.")
+
+
+def cpu_mirrored_strategy(count=NUM_LOGICAL_CPUS):
+  """A MirroredStrategy over the first `count` logical CPUs (real collectives)."""
+  configure_logical_cpus(max(count, NUM_LOGICAL_CPUS))
+  return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(count)])

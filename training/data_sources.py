@@ -1,0 +1,129 @@
+"""Turns the configured data set into the trainer's `DataSource`.
+
+This is where a data-set name meets files: the trainer sees only dataset functions and
+example counts, and the input pipeline sees only file patterns and batch sizes.
+"""
+
+import os
+
+import tensorflow as tf
+
+import input_pipeline
+from input_pipeline import dataset_info as dataset_info_lib
+from input_pipeline import tfds_source
+from training.trainer import DataSource
+
+# ImageNet-2012 (ILSVRC) split sizes, used when the shards carry no dataset_info.json.
+IMAGENET_TRAIN_EXAMPLES = 1_281_167
+IMAGENET_EVAL_EXAMPLES = 50_000
+SYNTHETIC_EXAMPLES_PER_EPOCH = IMAGENET_TRAIN_EXAMPLES
+SYNTHETIC_EVAL_BATCHES = 4
+
+# Batches each device holds ahead of the step (prefetch to device).
+DEVICE_PREFETCH_BATCHES = 2
+
+
+def _device_input_options():
+  return tf.distribute.InputOptions(
+      experimental_fetch_to_device=True,
+      experimental_per_replica_buffer_size=DEVICE_PREFETCH_BATCHES)
+
+
+def _per_host_examples(input_context, global_batch_size, start_step):
+  return start_step * global_batch_size // input_context.num_input_pipelines
+
+
+def _split_counts(data_dir, train_default, eval_default):
+  info = dataset_info_lib.read_dataset_info(data_dir)
+  if not info:
+    return train_default, eval_default
+  splits = info["splits"]
+  return (splits.get("train", {}).get("num_examples", train_default),
+          splits.get("validation", {}).get("num_examples", eval_default))
+
+
+def _tfrecord_source(config, train_pattern, eval_pattern, num_train, num_eval,
+                     area_range=input_pipeline.IMAGENET_AREA_RANGE):
+  dtype = tf.bfloat16 if config.tpu else tf.float32
+
+  def make_train_dataset(input_context, start_step):
+    return input_pipeline.create_tfrecord_dataset(
+        train_pattern, is_training=True,
+        batch_size=input_context.get_per_replica_batch_size(config.train_batch_size),
+        image_size=config.image_size, input_context=input_context,
+        shuffle_seed=config.seed, cache=config.cache_dataset, dtype=dtype,
+        skip_examples=_per_host_examples(input_context, config.train_batch_size,
+                                         start_step), area_range=area_range)
+
+  def make_eval_dataset(input_context):
+    return input_pipeline.create_tfrecord_dataset(
+        eval_pattern, is_training=False,
+        batch_size=input_context.get_per_replica_batch_size(config.eval_batch_size),
+        image_size=config.image_size, input_context=input_context, dtype=dtype)
+
+  return DataSource(make_train_dataset, make_eval_dataset, num_train, num_eval,
+                    _device_input_options())
+
+
+def _tfds_source(config):
+  name = config.dataset[len("tfds/"):]
+  dtype = tf.bfloat16 if config.tpu else tf.float32
+  splits = tfds_source.load_tfds_builder(name, config.data_dir).info.splits
+  eval_split = "validation" if "validation" in splits else "test"
+  num_train, num_eval = splits["train"].num_examples, splits[eval_split].num_examples
+
+  def make_train_dataset(input_context, start_step):
+    return input_pipeline.create_tfds_dataset(
+        name, config.data_dir, "train", is_training=True,
+        batch_size=input_context.get_per_replica_batch_size(config.train_batch_size),
+        image_size=config.image_size, input_context=input_context,
+        shuffle_seed=config.seed, dtype=dtype,
+        skip_examples=_per_host_examples(input_context, config.train_batch_size,
+                                         start_step))
+
+  def make_eval_dataset(input_context):
+    return input_pipeline.create_tfds_dataset(
+        name, config.data_dir, eval_split, is_training=False,
+        batch_size=input_context.get_per_replica_batch_size(config.eval_batch_size),
+        image_size=config.image_size, input_context=input_context, dtype=dtype)
+
+  return DataSource(make_train_dataset, make_eval_dataset, num_train, num_eval,
+                    _device_input_options())
+
+
+def _synthetic_source(config):
+  dtype = tf.bfloat16 if config.tpu else tf.float32
+
+  def make_dataset(input_context, start_step=0, *, batch):
+    del start_step  # Every synthetic batch is alike.
+    return input_pipeline.create_synthetic_dataset(
+        batch_size=input_context.get_per_replica_batch_size(batch),
+        image_size=config.image_size, num_classes=config.num_classes, dtype=dtype)
+
+  return DataSource(
+      lambda ctx, step: make_dataset(ctx, step, batch=config.train_batch_size),
+      lambda ctx: make_dataset(ctx, batch=config.eval_batch_size),
+      SYNTHETIC_EXAMPLES_PER_EPOCH, SYNTHETIC_EVAL_BATCHES * config.eval_batch_size,
+      _device_input_options())
+
+
+def data_source_for(config) -> DataSource:
+  """The DataSource for `config.dataset` (see training/config.py for the names)."""
+  if config.dataset == "digits":
+    # Written once into the TFRecord format under the model dir (or --data_dir).
+    records_dir = config.data_dir or os.path.join(config.model_dir, "data")
+    spec = input_pipeline.prepare_digits_records(records_dir,
+                                                 image_size=config.image_size)
+    return _tfrecord_source(config, spec.train_file_pattern,
+                            spec.validation_file_pattern, spec.num_train_examples,
+                            spec.num_validation_examples,
+                            input_pipeline.DIGITS_AREA_RANGE)
+  if config.dataset == "imagenet":
+    num_train, num_eval = _split_counts(config.data_dir, IMAGENET_TRAIN_EXAMPLES,
+                                        IMAGENET_EVAL_EXAMPLES)
+    return _tfrecord_source(config, os.path.join(config.data_dir, "train-*"),
+                            os.path.join(config.data_dir, "validation-*"),
+                            num_train, num_eval)
+  if config.dataset == "synthetic":
+    return _synthetic_source(config)
+  return _tfds_source(config)

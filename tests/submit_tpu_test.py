@@ -1,0 +1,273 @@
+"""Tests for tools/submit_tpu.py: the gcloud plan, quoting, bad input, the runner."""
+
+import io
+import os
+import shlex
+import shutil
+import subprocess
+import tarfile
+import tempfile
+
+from absl import flags
+from absl.testing import parameterized
+import tensorflow as tf
+
+from tests import logical_devices
+
+logical_devices.configure_logical_cpus()
+
+from tools import submit_tpu  # pylint: disable=g-import-not-at-top
+
+ARCHIVE = "/tmp/pack/torus-resnet.tar.gz"
+GCLOUD = "gcloud compute tpus tpu-vm"
+WHERE = "--zone=europe-west4-a --project=my-project"
+
+
+def _job(**overrides):
+  values = dict(tpu_name="r50", zone="europe-west4-a", project="my-project",
+                accelerator_type="v3-8", data_dir="gs://bucket/imagenet",
+                model_dir="gs://bucket/runs/r50",
+                trainer_args=("--dataset=imagenet", "--train_batch_size=1024",
+                              "--torus_shape=2x4"))
+  values.update(overrides)
+  return submit_tpu.TpuJob(**values)
+
+
+def _commands(plan):
+  return [step.shell() for step in plan if step.kind != "pack"]
+
+
+def _launches(plan):
+  return [s for s in plan if s.description.startswith("train")]
+
+
+def _remote_command(step):
+  (command,) = [a for a in step.argv if a.startswith("--command=")]
+  return command[len("--command="):]
+
+
+class AcceleratorTypeTest(tf.test.TestCase, parameterized.TestCase):
+
+  @parameterized.parameters(
+      # type, chips, cores, hosts, replicas
+      ("v2-8", 4, 8, 1, 8),
+      ("v3-8", 4, 8, 1, 8),
+      ("v3-32", 16, 32, 4, 32),
+      ("v3-1024", 512, 1024, 128, 1024),
+      ("v3-2048", 1024, 2048, 256, 2048),  # the paper's 1024-chip pod
+      ("v4-8", 4, 8, 1, 4),  # megacore: one replica per chip
+      ("v4-32", 16, 32, 4, 16),
+      ("v5p-8", 4, 8, 1, 4),
+      ("v5litepod-8", 8, 8, 1, 8),
+      ("v5litepod-256", 256, 256, 32, 256),
+  )
+  def test_shapes(self, name, chips, cores, hosts, replicas):
+    spec = submit_tpu.parse_accelerator_type(name)
+    self.assertEqual((spec.chips, spec.cores, spec.hosts, spec.replicas),
+                     (chips, cores, hosts, replicas))
+    self.assertEqual(spec.multi_host, hosts > 1)
+
+  @parameterized.parameters("v3-16", "v3-4096", "v2-64", "v9-8", "v4-12", "tpu",
+                            "v5litepod-2", "v3_8", "")
+  def test_unknown_types(self, name):
+    with self.assertRaisesRegex(submit_tpu.SubmitError, "accelerator_type"):
+      submit_tpu.parse_accelerator_type(name)
+
+
+class PlanTest(tf.test.TestCase):
+
+  def test_v3_8_dry_run_commands(self):
+    plan = submit_tpu.build_plan(_job(), ARCHIVE)
+    self.assertEqual(_commands(plan), [
+        f"{GCLOUD} scp {ARCHIVE} r50:torus-resnet.tar.gz {WHERE} --worker=all",
+        f"{GCLOUD} ssh r50 {WHERE} --worker=all '--command=rm -rf torus-resnet && "
+        "mkdir -p torus-resnet && tar -xzf torus-resnet.tar.gz -C torus-resnet && "
+        "cd torus-resnet && python3 -m pip install --upgrade -r requirements.txt'",
+        f"{GCLOUD} ssh r50 {WHERE} --worker=all '--command=cd torus-resnet && "
+        "PYTHONUNBUFFERED=1 python3 main.py --tpu=local "
+        "--model_dir=gs://bucket/runs/r50 --data_dir=gs://bucket/imagenet "
+        "--dataset=imagenet --train_batch_size=1024 --torus_shape=2x4'",
+    ])
+    self.assertEqual([s.kind for s in plan], ["pack", "run", "run", "run"])
+
+  def test_v3_32_multi_host_create_and_delete(self):
+    job = _job(accelerator_type="v3-32", create=True, spot=True, delete_after=True,
+               runtime_version="tpu-vm-tf-2.16.1-pod-pjrt",
+               trainer_args=("--train_batch_size=4096", "--torus_shape=4x8",
+                             "--bn_group_size=4", "--allreduce=torus"))
+    plan = submit_tpu.build_plan(job, ARCHIVE)
+    commands = _commands(plan)
+    self.assertEqual(commands[:3], [
+        f"{GCLOUD} describe r50 {WHERE} '--format=value(state)'",
+        f"{GCLOUD} delete r50 {WHERE} --quiet",
+        f"{GCLOUD} create r50 {WHERE} --accelerator-type=v3-32 "
+        "--version=tpu-vm-tf-2.16.1-pod-pjrt --spot",
+    ])
+    self.assertEqual([s.when for s in plan[:3]],
+                     ["always", submit_tpu.IF_PREEMPTED, submit_tpu.IF_ABSENT])
+    self.assertEqual(commands[-1], f"{GCLOUD} delete r50 {WHERE} --quiet")
+    self.assertEqual(plan[-1].when, submit_tpu.FINALLY)
+    # Exactly one launch, on all workers at once, with the trainer flags passed on.
+    (launch,) = _launches(plan)
+    self.assertIn("--worker=all", launch.argv)
+    words = shlex.split(_remote_command(launch))
+    self.assertEqual(words[words.index("main.py") + 1:], [
+        "--tpu=local", "--model_dir=gs://bucket/runs/r50",
+        "--data_dir=gs://bucket/imagenet", "--train_batch_size=4096",
+        "--torus_shape=4x8", "--bn_group_size=4", "--allreduce=torus"])
+    ssh_all = [c for c in commands if " ssh " in c]
+    self.assertLen(ssh_all, 2)  # install, launch
+    self.assertTrue(all("--worker=all" in c for c in ssh_all))
+
+  def test_preemptible_flag(self):
+    job = _job(create=True, preemptible=True, runtime_version="tpu-vm-tf-2.16.1-pjrt")
+    create = [s for s in submit_tpu.build_plan(job, ARCHIVE)
+              if s.description == "create the slice"][0]
+    self.assertEqual(create.argv[-1], "--preemptible")
+
+  def test_quoting_paths_with_spaces(self):
+    job = _job(data_dir="gs://my bucket/image net", model_dir="gs://b/run 1",
+               trainer_args=("--note", "it's a \"test\"; rm -rf /",
+                             "--torus_shape=2x4"))
+    plan = submit_tpu.build_plan(job, "/tmp/my dir/torus-resnet.tar.gz")
+    # Locally: each printed line splits back into the exact argv.
+    for step in plan:
+      if step.kind != "pack":
+        self.assertEqual(shlex.split(step.shell()), list(step.argv))
+    scp = [s for s in plan if s.description.startswith("copy")][0]
+    self.assertIn("/tmp/my dir/torus-resnet.tar.gz", scp.argv)
+    # Remotely: the worker's shell sees each trainer flag as one word.
+    words = shlex.split(_remote_command(_launches(plan)[0]))
+    self.assertIn("--data_dir=gs://my bucket/image net", words)
+    self.assertIn("--model_dir=gs://b/run 1", words)
+    self.assertIn("it's a \"test\"; rm -rf /", words)
+    self.assertNotIn("rm", words)
+
+  def test_dry_run_text(self):
+    text = submit_tpu.format_plan(submit_tpu.build_plan(
+        _job(create=True, runtime_version="v", delete_after=True), ARCHIVE))
+    self.assertIn("# create the slice (only if no usable slice exists)", text)
+    self.assertIn("# delete the slice (also after a failure)", text)
+    self.assertIn(f"{GCLOUD} scp {ARCHIVE}", text)
+
+
+class BadInputTest(tf.test.TestCase, parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ("unknown_type", dict(accelerator_type="v3-7"), "accelerator_type"),
+      ("grid_too_small", dict(accelerator_type="v3-32"), "torus_shape"),
+      ("grid_for_v4_megacore", dict(accelerator_type="v4-8"), "torus_shape"),
+      ("bad_grid_text", dict(trainer_args=("--torus_shape=2by4",)), "torus_shape"),
+      ("batch_not_divisible", dict(trainer_args=("--train_batch_size", "1020")),
+       "train_batch_size"),
+      ("local_data_dir", dict(data_dir="/data/imagenet"), "data_dir"),
+      ("local_model_dir", dict(model_dir="runs/r50"), "model_dir"),
+      ("missing_model_dir", dict(model_dir=""), "model_dir"),
+      ("missing_project", dict(project=""), "project"),
+      ("bad_name", dict(tpu_name="My_TPU"), "tpu_name"),
+      ("create_without_runtime", dict(create=True), "runtime_version"),
+      ("spot_and_preemptible", dict(spot=True, preemptible=True), "spot"),
+      ("tpu_in_trainer_args", dict(trainer_args=("--tpu=foo",)), "tpu"),
+      ("data_dir_in_trainer_args", dict(trainer_args=("--data_dir", "gs://x")),
+       "data_dir"),
+  )
+  def test_rejected_before_any_command(self, overrides, flag):
+    calls = []
+    with self.assertRaises(submit_tpu.SubmitError) as raised:
+      plan = submit_tpu.build_plan(_job(**overrides), ARCHIVE)
+      submit_tpu.run_plan(plan, runner=calls.append)
+    self.assertEqual(raised.exception.flag, flag)
+    self.assertStartsWith(str(raised.exception), f"--{flag}:")
+    self.assertEmpty(calls)
+
+  def test_grid_error_suggests_a_fit(self):
+    with self.assertRaisesRegex(submit_tpu.SubmitError,
+                                r"has 32; .* --torus_shape=4x8"):
+      submit_tpu.validate(_job(accelerator_type="v3-32"))
+
+
+class RunPlanTest(tf.test.TestCase):
+
+  def _run(self, plan, state="", fail_on=None):
+    calls = []
+
+    def runner(argv):
+      calls.append(argv[4])  # the gcloud verb
+      return 1 if argv[4] == fail_on else 0
+
+    error = None
+    try:
+      submit_tpu.run_plan(plan, runner=runner, probe=lambda argv: state,
+                          log=lambda line: None)
+    except RuntimeError as e:
+      error = str(e)
+    return calls, error
+
+  def _plan(self, tmp):
+    job = _job(create=True, runtime_version="v", delete_after=True, repo_dir=tmp)
+    return submit_tpu.build_plan(job, os.path.join(tmp, "out.tar.gz"))
+
+  def setUp(self):
+    super().setUp()
+    self.tmp = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, self.tmp)
+    # A tiny git work tree for the pack step: one tracked file, one ignored.
+    subprocess.run(["git", "-C", self.tmp, "init", "-q"], check=True)
+    with open(os.path.join(self.tmp, "main.py"), "w") as f:
+      f.write("print('hi')\n")
+    with open(os.path.join(self.tmp, ".gitignore"), "w") as f:
+      f.write("*.tar.gz\n.venv/\n")
+
+  def test_missing_slice_is_created(self):
+    calls, error = self._run(self._plan(self.tmp), state="")
+    self.assertIsNone(error)
+    self.assertEqual(calls, ["create", "scp", "ssh", "ssh", "delete"])
+    with tarfile.open(os.path.join(self.tmp, "out.tar.gz")) as tar:
+      self.assertCountEqual(tar.getnames(), ["main.py", ".gitignore"])
+
+  def test_ready_slice_is_reused(self):
+    calls, _ = self._run(self._plan(self.tmp), state="READY")
+    self.assertEqual(calls, ["scp", "ssh", "ssh", "delete"])
+
+  def test_preempted_slice_is_recreated(self):
+    calls, _ = self._run(self._plan(self.tmp), state="PREEMPTED")
+    self.assertEqual(calls, ["delete", "create", "scp", "ssh", "ssh", "delete"])
+
+  def test_stops_at_first_failure_but_still_deletes(self):
+    calls, error = self._run(self._plan(self.tmp), state="READY", fail_on="scp")
+    self.assertEqual(calls, ["scp", "delete"])
+    self.assertIn("step 'copy it to every worker' failed (exit code 1)", error)
+
+
+class CommandLineTest(tf.test.TestCase):
+
+  def _main(self, argv):
+    flag_values = submit_tpu.define_flags(flags.FlagValues())
+    rest = flag_values(["submit_tpu"] + argv)
+    out, err = io.StringIO(), io.StringIO()
+    code = submit_tpu.main(rest, flag_values, out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+  BASE = ["--tpu_name=r50", "--zone=europe-west4-a", "--project=my-project",
+          "--accelerator_type=v3-32", "--model_dir=gs://b/runs", "--dry_run"]
+
+  def test_dry_run_passes_flags_after_double_dash(self):
+    code, out, err = self._main(self.BASE + ["--", "--torus_shape=4x8",
+                                             "--train_batch_size=4096"])
+    self.assertEqual((code, err), (0, ""))
+    self.assertIn("v3-32: 16 chips, 32 TensorCores, 4 host(s), 32 replicas", out)
+    self.assertIn("--torus_shape=4x8 --train_batch_size=4096'", out)
+    self.assertEqual(out.count("--worker=all '--command=cd torus-resnet"), 1)
+
+  def test_bad_input_is_one_line_and_exit_2(self):
+    code, out, err = self._main(self.BASE + ["--data_dir=/local/imagenet"])
+    self.assertEqual(code, 2)
+    self.assertEqual(out, "")
+    self.assertEqual(err.count("\n"), 1)
+    self.assertStartsWith(err, "error: --data_dir: '/local/imagenet' is not on "
+                          "Cloud Storage")
+    self.assertNotIn("Traceback", err)
+
+
+if __name__ == "__main__":
+  tf.test.main()

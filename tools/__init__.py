@@ -1,0 +1,1 @@
+"""Command-line tools around the trainer (Cloud TPU job submission)."""

@@ -1,0 +1,509 @@
+"""Runs main.py on a Cloud TPU VM or pod slice with gcloud.
+
+    python -m tools.submit_tpu --tpu_name=resnet-pod --zone=europe-west4-a \\
+        --project=my-project --accelerator_type=v3-32 --create --spot \\
+        --runtime_version=tpu-vm-tf-2.16.1-pod-pjrt \\
+        --data_dir=gs://my-bucket/imagenet --model_dir=gs://my-bucket/runs/r50 \\
+        [--delete_after] [--dry_run] \\
+        -- --dataset=imagenet --train_batch_size=4096 --torus_shape=4x8
+
+Everything after `--` is passed to main.py unchanged (each argument shell-quoted, so
+values with spaces survive); the submitter itself adds `--tpu`, `--data_dir` and
+`--model_dir`. The plan, in order:
+
+  1. with --create: make the slice unless it exists and is READY; a PREEMPTED spot
+     slice is deleted and made again (re-submitting the same command after a
+     preemption resumes training from the last checkpoint in --model_dir);
+  2. pack the working tree (git-tracked and untracked, not ignored, files) into a
+     tarball, scp it to every worker and unpack it there; then run
+     --install_command (default: pip install -r requirements.txt into the VM's
+     system python) on every worker;
+  3. start main.py on all workers at once with one `ssh --worker=all`; the ssh
+     streams every worker's output here;
+  4. with --delete_after: delete the slice, also when an earlier step failed.
+
+Building the plan is pure (`build_plan`), so tests and --dry_run see exactly the
+commands the runner would execute. Bad input (unknown accelerator type, a grid or
+batch that does not fit the slice's replicas, a non-gs:// directory) raises
+`SubmitError` before anything runs.
+"""
+
+import dataclasses
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tarfile
+import tempfile
+from typing import Callable, List, Optional, Sequence, Tuple
+
+from allreduce import topology
+
+
+class SubmitError(ValueError):
+  """A submission that cannot work; `flag` names the flag to fix."""
+
+  def __init__(self, flag: str, message: str):
+    super().__init__(f"--{flag}: {message}")
+    self.flag = flag
+
+
+# ---------------------------------------------------------------------------
+# Accelerator types.
+#
+# What N in `vX-N` counts, and how that maps to chips, hosts and the replicas a
+# TPUStrategy sees, per Cloud TPU's documentation of each version
+# (cloud.google.com/tpu/docs/v2, /v3, /v4, /v5e, /v5p, "System architecture"):
+#   v2, v3: N = TensorCores, 2 per chip, 4 chips (8 cores) per host; every core is
+#           a TPU device, so replicas = cores. v3-8 is one host with 4 chips;
+#           v3-32 is 16 chips on 4 hosts; the paper's 1024-chip pod is v3-2048.
+#   v4, v5p: N = TensorCores, 2 per chip, 4 chips per host, but the two cores of a
+#           chip run as one "megacore" device, so replicas = chips = N / 2.
+#   v5e (v5litepod-N): N = chips, 1 TensorCore each, replicas = chips; up to 8
+#           chips on a host (the v5e page's "chips per host: 8").
+# Sizes: v2 and v3 slices come in the listed sizes only; v4/v5p slices are 3-D
+# shapes whose core count is a multiple of 8 (one host) up to the pod.
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Generation:
+  counts: str  # what N counts: "cores" or "chips"
+  cores_per_chip: int
+  replicas_per_chip: int
+  chips_per_host: int
+  sizes: Tuple[int, ...] = ()  # allowed N; empty means multiples of `step`
+  step: int = 8
+  max_size: int = 0
+
+
+_GENERATIONS = {
+    "v2": _Generation("cores", 2, 2, 4, sizes=(8, 32, 128, 256, 512)),
+    "v3": _Generation("cores", 2, 2, 4,
+                      sizes=(8, 32, 64, 128, 256, 512, 1024, 2048)),
+    "v4": _Generation("cores", 2, 1, 4, max_size=8192),
+    "v5p": _Generation("cores", 2, 1, 4, max_size=17920),
+    "v5litepod": _Generation("chips", 1, 1, 8, sizes=(1, 4, 8, 16, 32, 64, 128, 256)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SliceSpec:
+  """A TPU slice: its accelerator type and what it holds."""
+  accelerator_type: str
+  generation: str
+  chips: int
+  cores: int
+  hosts: int
+  replicas: int  # TPU devices a TPUStrategy replicates over
+
+  @property
+  def multi_host(self) -> bool:
+    return self.hosts > 1
+
+
+def _known_types_hint() -> str:
+  return ("known types are v2-{8,32,128,256,512}, v3-{8,32,...,2048}, v4-N and "
+          "v5p-N (N a multiple of 8), v5litepod-{1,4,8,...,256}")
+
+
+def parse_accelerator_type(text: str) -> SliceSpec:
+  """'v3-32' -> SliceSpec(chips=16, cores=32, hosts=4, replicas=32)."""
+  match = re.fullmatch(r"(v2|v3|v4|v5p|v5litepod)-(\d+)", text.strip().lower())
+  if not match:
+    raise SubmitError("accelerator_type",
+                      f"unknown accelerator type {text!r}; {_known_types_hint()}")
+  name, size = match.group(1), int(match.group(2))
+  generation = _GENERATIONS[name]
+  if generation.sizes:
+    valid = size in generation.sizes
+  else:
+    valid = 0 < size <= generation.max_size and size % generation.step == 0
+  if not valid:
+    raise SubmitError("accelerator_type",
+                      f"{text!r} is not a size {name} comes in; {_known_types_hint()}")
+  if generation.counts == "cores":
+    cores, chips = size, size // generation.cores_per_chip
+  else:
+    chips, cores = size, size * generation.cores_per_chip
+  hosts = max(1, chips // generation.chips_per_host)
+  return SliceSpec(accelerator_type=f"{name}-{size}", generation=name, chips=chips,
+                   cores=cores, hosts=hosts,
+                   replicas=chips * generation.replicas_per_chip)
+
+
+# ---------------------------------------------------------------------------
+# The job and its checks.
+# ---------------------------------------------------------------------------
+
+# Flags the submitter sets on main.py itself; passing them after `--` is an error.
+RESERVED_TRAINER_FLAGS = ("tpu", "data_dir", "model_dir")
+
+DEFAULT_REMOTE_DIR = "torus-resnet"
+DEFAULT_INSTALL_COMMAND = "python3 -m pip install --upgrade -r requirements.txt"
+_TPU_NAME = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuJob:
+  """Everything one submission needs, as plain values."""
+  tpu_name: str
+  zone: str
+  project: str
+  accelerator_type: str
+  model_dir: str
+  data_dir: str = ""
+  trainer_args: Tuple[str, ...] = ()
+  runtime_version: str = ""
+  create: bool = False
+  spot: bool = False
+  preemptible: bool = False
+  delete_after: bool = False
+  repo_dir: str = "."
+  remote_dir: str = DEFAULT_REMOTE_DIR
+  install_command: str = DEFAULT_INSTALL_COMMAND
+  python: str = "python3"
+  tpu_address: str = "local"  # what main.py's --tpu gets on every worker
+
+
+def trainer_flag_value(args: Sequence[str], name: str) -> Optional[str]:
+  """The last value of `--name=value` or `--name value` in `args`, else None."""
+  value = None
+  for i, arg in enumerate(args):
+    if arg.startswith(f"--{name}="):
+      value = arg.split("=", 1)[1]
+    elif arg == f"--{name}" and i + 1 < len(args):
+      value = args[i + 1]
+  return value
+
+
+def validate(job: TpuJob) -> SliceSpec:
+  """Checks the whole job; returns the slice. Raises SubmitError naming the flag."""
+  for flag in ("tpu_name", "zone", "project", "accelerator_type", "model_dir"):
+    if not getattr(job, flag):
+      raise SubmitError(flag, "is required")
+  if not _TPU_NAME.fullmatch(job.tpu_name):
+    raise SubmitError("tpu_name",
+                      f"{job.tpu_name!r} is not a valid TPU name: use lower-case "
+                      "letters, digits and '-', starting with a letter")
+  spec = parse_accelerator_type(job.accelerator_type)
+  # TPU workers read and write through Cloud Storage; a local path would name a
+  # directory on each worker's own disk, different on every host and lost with it.
+  for flag in ("model_dir", "data_dir"):
+    value = getattr(job, flag)
+    if value and not value.startswith("gs://"):
+      raise SubmitError(flag, f"{value!r} is not on Cloud Storage; TPU workers need "
+                        "a gs://bucket/path they can all reach")
+  if job.create and not job.runtime_version:
+    raise SubmitError("runtime_version",
+                      "is required with --create, e.g. tpu-vm-tf-2.16.1-pjrt "
+                      "(single host) or tpu-vm-tf-2.16.1-pod-pjrt (multi-host v2-v4); "
+                      f"list them with `gcloud compute tpus tpu-vm versions list "
+                      f"--zone={job.zone}`")
+  if job.spot and job.preemptible:
+    raise SubmitError("spot", "use either --spot or --preemptible, not both")
+  for name in RESERVED_TRAINER_FLAGS:
+    if trainer_flag_value(job.trainer_args, name) is not None or any(
+        a == f"--no{name}" for a in job.trainer_args):
+      raise SubmitError(name, f"set it as a submitter flag, not after `--`: the "
+                        f"submitter passes --{name} to main.py itself")
+  _check_replicas(job.trainer_args, spec)
+  return spec
+
+
+def _check_replicas(trainer_args: Sequence[str], spec: SliceSpec):
+  """The trainer's grid and batch must fit the slice's replica count."""
+  shape_text = trainer_flag_value(trainer_args, "torus_shape")
+  if shape_text:
+    try:
+      x_size, y_size = topology.parse_grid(shape_text)
+    except topology.TopologyError as e:
+      raise SubmitError("torus_shape", str(e)) from None
+    if x_size * y_size != spec.replicas:
+      x_fit, y_fit = topology.most_square_grid(spec.replicas)
+      raise SubmitError(
+          "torus_shape",
+          f"{x_size}x{y_size} holds {x_size * y_size} replicas but "
+          f"{spec.accelerator_type} has {spec.replicas}; use a shape whose product "
+          f"is {spec.replicas}, e.g. --torus_shape={x_fit}x{y_fit}")
+  batch_text = trainer_flag_value(trainer_args, "train_batch_size")
+  if batch_text:
+    if not batch_text.isdigit() or int(batch_text) < 1:
+      raise SubmitError("train_batch_size",
+                        f"must be a positive integer, got {batch_text!r}")
+    batch = int(batch_text)
+    if batch % spec.replicas:
+      raise SubmitError(
+          "train_batch_size",
+          f"{batch} does not split evenly over the {spec.replicas} replicas of "
+          f"{spec.accelerator_type}; use a multiple of {spec.replicas}")
+
+
+# ---------------------------------------------------------------------------
+# The plan: the commands, in order.
+# ---------------------------------------------------------------------------
+
+# When a step runs. The runner decides the `slice_*` ones from the slice's state.
+ALWAYS = "always"
+IF_PREEMPTED = "if_preempted"  # the slice exists but was preempted (spot)
+IF_ABSENT = "if_absent"  # no usable slice: missing, or just deleted
+FINALLY = "finally"  # also after an earlier step failed
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+  """One command of the plan.
+
+  `argv` is the command to run; a `pack` step has none (the runner writes
+  `archive` from `repo_dir` itself). `probe` steps only report the slice's state.
+  """
+  description: str
+  argv: Tuple[str, ...] = ()
+  when: str = ALWAYS
+  kind: str = "run"  # "run", "probe" (describe the slice) or "pack"
+  archive: str = ""
+  repo_dir: str = ""
+
+  def shell(self) -> str:
+    """The command as one shell-safe line."""
+    return shlex.join(self.argv)
+
+
+def _gcloud(verb: str, job: TpuJob, *args: str) -> Tuple[str, ...]:
+  return ("gcloud", "compute", "tpus", "tpu-vm", verb, job.tpu_name,
+          f"--zone={job.zone}", f"--project={job.project}") + tuple(args)
+
+
+def trainer_command(job: TpuJob) -> str:
+  """The shell line each worker runs: main.py with every flag quoted."""
+  flags = [f"--tpu={job.tpu_address}", f"--model_dir={job.model_dir}"]
+  if job.data_dir:
+    flags.append(f"--data_dir={job.data_dir}")
+  flags.extend(job.trainer_args)
+  # Unbuffered so the log lines reach the ssh stream as they are written.
+  return (f"cd {shlex.quote(job.remote_dir)} && PYTHONUNBUFFERED=1 "
+          f"{shlex.quote(job.python)} main.py " + " ".join(map(shlex.quote, flags)))
+
+
+def build_plan(job: TpuJob, archive: str) -> List[Step]:
+  """The steps that run `job`, `archive` being the local tarball path to write."""
+  validate(job)
+  archive_name = f"{job.remote_dir}.tar.gz"
+  remote = shlex.quote(job.remote_dir)
+  plan = []
+  if job.create:
+    plan.append(Step("look up the slice", _gcloud(
+        "describe", job, "--format=value(state)"), kind="probe"))
+    plan.append(Step("delete the preempted slice", _gcloud(
+        "delete", job, "--quiet"), when=IF_PREEMPTED))
+    create = _gcloud("create", job, f"--accelerator-type={job.accelerator_type}",
+                     f"--version={job.runtime_version}")
+    if job.spot:
+      create += ("--spot",)
+    elif job.preemptible:
+      create += ("--preemptible",)
+    plan.append(Step("create the slice", create, when=IF_ABSENT))
+  plan.append(Step("pack the working tree", kind="pack", archive=archive,
+                   repo_dir=job.repo_dir))
+  plan.append(Step("copy it to every worker", (
+      "gcloud", "compute", "tpus", "tpu-vm", "scp", archive,
+      f"{job.tpu_name}:{archive_name}", f"--zone={job.zone}",
+      f"--project={job.project}", "--worker=all")))
+  install = (f"rm -rf {remote} && mkdir -p {remote} && "
+             f"tar -xzf {shlex.quote(archive_name)} -C {remote} && "
+             f"cd {remote} && {job.install_command}")
+  plan.append(Step("unpack and install on every worker", _gcloud(
+      "ssh", job, "--worker=all", f"--command={install}")))
+  plan.append(Step("train on all workers at once (logs stream here)", _gcloud(
+      "ssh", job, "--worker=all", f"--command={trainer_command(job)}")))
+  if job.delete_after:
+    plan.append(Step("delete the slice", _gcloud("delete", job, "--quiet"),
+                     when=FINALLY))
+  return plan
+
+
+def format_plan(plan: Sequence[Step]) -> str:
+  """What --dry_run prints: a comment per step, then the command."""
+  notes = {IF_PREEMPTED: " (only if the slice is PREEMPTED)",
+           IF_ABSENT: " (only if no usable slice exists)",
+           FINALLY: " (also after a failure)"}
+  lines = []
+  for step in plan:
+    lines.append(f"# {step.description}{notes.get(step.when, '')}")
+    if step.kind == "pack":
+      lines.append(f"#   {step.archive} <- git ls-files --cached --others "
+                   f"--exclude-standard in {step.repo_dir}")
+    else:
+      lines.append(step.shell())
+  return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# Running the plan.
+# ---------------------------------------------------------------------------
+
+
+def repo_files(repo_dir: str) -> List[str]:
+  """Tracked and untracked-but-not-ignored files: what the job needs, no venv."""
+  out = subprocess.run(
+      ["git", "-C", repo_dir, "ls-files", "-z", "--cached", "--others",
+       "--exclude-standard"], check=True, capture_output=True).stdout
+  return [f for f in out.decode().split("\0")
+          if f and os.path.isfile(os.path.join(repo_dir, f))]
+
+
+def pack_repo(repo_dir: str, archive: str) -> int:
+  """Writes the working tree's files to a .tar.gz; returns how many."""
+  files = repo_files(repo_dir)
+  with tarfile.open(archive, "w:gz") as tar:
+    for name in files:
+      tar.add(os.path.join(repo_dir, name), arcname=name)
+  return len(files)
+
+
+def _stream(argv: Sequence[str]) -> int:
+  """Runs a command with its output going straight to ours (the logs)."""
+  return subprocess.run(list(argv), check=False).returncode
+
+
+def _slice_state(argv: Sequence[str]) -> str:
+  """The slice's state, or "" when it does not exist (describe fails)."""
+  result = subprocess.run(list(argv), check=False, capture_output=True, text=True)
+  return result.stdout.strip() if result.returncode == 0 else ""
+
+
+def run_plan(plan: Sequence[Step], runner: Callable[[Sequence[str]], int] = _stream,
+             probe: Callable[[Sequence[str]], str] = _slice_state,
+             log: Callable[[str], None] = print) -> None:
+  """Runs the steps in order; stops at the first failure, then runs FINALLY steps.
+
+  Raises RuntimeError naming the step and its exit code when one fails.
+  """
+  state = None
+  failure = None
+  for step in plan:
+    if failure is not None and step.when != FINALLY:
+      continue
+    if step.when == IF_PREEMPTED and state != "PREEMPTED":
+      continue
+    if step.when == IF_ABSENT and state not in ("", "DELETED"):
+      log(f"# slice exists ({state}); not creating it")
+      continue
+    log(f"# {step.description}")
+    if step.kind == "probe":
+      state = probe(step.argv)
+      continue
+    if step.kind == "pack":
+      count = pack_repo(step.repo_dir, step.archive)
+      log(f"#   {count} files -> {step.archive}")
+      continue
+    log(step.shell())
+    code = runner(step.argv)
+    if step.when == IF_PREEMPTED and code == 0:
+      state = "DELETED"
+    if code != 0 and failure is None:
+      failure = f"step '{step.description}' failed (exit code {code}): {step.shell()}"
+  if failure is not None:
+    raise RuntimeError(failure)
+
+
+# ---------------------------------------------------------------------------
+# The command line. tools/ is a CLI layer, so it reads absl flags here and hands
+# plain values to the functions above.
+# ---------------------------------------------------------------------------
+
+
+def define_flags(flag_values=None):
+  """Defines the CLI's flags on `flag_values` (absl's global FLAGS by default)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  fv = flags.FLAGS if flag_values is None else flag_values
+  flags.DEFINE_string("tpu_name", None, "Name of the TPU VM or pod slice.",
+                      flag_values=fv)
+  flags.DEFINE_string("zone", None, "Zone of the slice, e.g. europe-west4-a.",
+                      flag_values=fv)
+  flags.DEFINE_string("project", None, "Google Cloud project id.", flag_values=fv)
+  flags.DEFINE_string("accelerator_type", None,
+                      "v2-N, v3-N, v4-N, v5p-N (N = TensorCores) or v5litepod-N "
+                      "(N = chips), e.g. v3-8, v3-32, v3-2048.", flag_values=fv)
+  flags.DEFINE_string("runtime_version", "",
+                      "TPU VM software version, needed with --create.",
+                      flag_values=fv)
+  flags.DEFINE_string("data_dir", "", "gs:// directory of the TFRecords.",
+                      flag_values=fv)
+  flags.DEFINE_string("model_dir", None,
+                      "gs:// directory for checkpoints and summaries; re-submitting "
+                      "with the same one resumes from its last checkpoint.",
+                      flag_values=fv)
+  flags.DEFINE_bool("create", False, "Create the slice unless a READY one exists.",
+                    flag_values=fv)
+  flags.DEFINE_bool("spot", False, "Create a spot slice.", flag_values=fv)
+  flags.DEFINE_bool("preemptible", False, "Create a preemptible slice.",
+                    flag_values=fv)
+  flags.DEFINE_bool("delete_after", False,
+                    "Delete the slice when training ends or fails.", flag_values=fv)
+  flags.DEFINE_bool("dry_run", False, "Print the gcloud commands and exit.",
+                    flag_values=fv)
+  flags.DEFINE_string("remote_dir", DEFAULT_REMOTE_DIR,
+                      "Directory (under each worker's home) for the code.",
+                      flag_values=fv)
+  flags.DEFINE_string("install_command", DEFAULT_INSTALL_COMMAND,
+                      "Shell command run in --remote_dir on every worker after "
+                      "unpacking, to install the dependencies.", flag_values=fv)
+  return fv
+
+
+def job_from_flags(flag_values, trainer_args: Sequence[str], repo_dir: str) -> TpuJob:
+  return TpuJob(
+      tpu_name=flag_values.tpu_name or "", zone=flag_values.zone or "",
+      project=flag_values.project or "",
+      accelerator_type=flag_values.accelerator_type or "",
+      model_dir=flag_values.model_dir or "", data_dir=flag_values.data_dir,
+      trainer_args=tuple(trainer_args), runtime_version=flag_values.runtime_version,
+      create=flag_values.create, spot=flag_values.spot,
+      preemptible=flag_values.preemptible, delete_after=flag_values.delete_after,
+      repo_dir=repo_dir, remote_dir=flag_values.remote_dir,
+      install_command=flag_values.install_command)
+
+
+def main(argv: Sequence[str], flag_values, out=None, err=None) -> int:
+  """Runs the CLI on parsed `flag_values`; returns the exit code.
+
+  `argv[1:]` are the arguments absl left unparsed, i.e. those after `--`: they go
+  to main.py. A bad flag prints one line naming it (no traceback) and returns 2; a
+  failed gcloud step returns 1.
+  """
+  out = out or sys.stdout
+  err = err or sys.stderr
+  trainer_args = [a for a in argv[1:] if a != "--"]
+  repo_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  job = job_from_flags(flag_values, trainer_args, repo_dir)
+  try:
+    with tempfile.TemporaryDirectory(prefix="submit_tpu_") as tmp:
+      plan = build_plan(job, os.path.join(tmp, f"{job.remote_dir}.tar.gz"))
+      spec = parse_accelerator_type(job.accelerator_type)
+      print(f"# {spec.accelerator_type}: {spec.chips} chips, {spec.cores} TensorCores, "
+            f"{spec.hosts} host(s), {spec.replicas} replicas", file=out)
+      if flag_values.dry_run:
+        print(format_plan(plan), file=out)
+        return 0
+      run_plan(plan, log=lambda line: print(line, file=out, flush=True))
+  except SubmitError as e:
+    print(f"error: {e}", file=err)
+    return 2
+  except RuntimeError as e:
+    print(f"error: {e}", file=err)
+    return 1
+  return 0
+
+
+def run():
+  # Flags are defined here, not at import, so that tests can import this module
+  # next to main.py (which defines --data_dir and --model_dir too).
+  from absl import app  # pylint: disable=g-import-not-at-top
+  flag_values = define_flags()
+  app.run(lambda argv: sys.exit(main(argv, flag_values)))
+
+
+if __name__ == "__main__":
+  run()

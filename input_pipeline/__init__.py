@@ -1,0 +1,29 @@
+"""Input pipelines: ImageNet-schema TFRecords, tfds builders, synthetic data, digits.
+
+Each builder returns a `tf.data.Dataset` of (images, labels) batches given an optional
+`tf.distribute.InputContext`; none of them sees the model.
+"""
+
+from input_pipeline.data_error import DataError
+from input_pipeline.digits import DatasetSpec
+from input_pipeline.digits import prepare_digits_records
+from input_pipeline.pipeline import DIGITS_AREA_RANGE
+from input_pipeline.pipeline import IMAGENET_AREA_RANGE
+from input_pipeline.pipeline import SkippedImageCounter
+from input_pipeline.pipeline import create_tfrecord_dataset
+from input_pipeline.pipeline import distributed_dataset_fn
+from input_pipeline.synthetic import create_synthetic_dataset
+from input_pipeline.tfds_source import create_tfds_dataset
+
+__all__ = [
+    "DIGITS_AREA_RANGE",
+    "DataError",
+    "DatasetSpec",
+    "IMAGENET_AREA_RANGE",
+    "SkippedImageCounter",
+    "create_synthetic_dataset",
+    "create_tfds_dataset",
+    "create_tfrecord_dataset",
+    "distributed_dataset_fn",
+    "prepare_digits_records",
+]

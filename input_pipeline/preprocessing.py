@@ -1,0 +1,260 @@
+"""Per-example image preprocessing: small pure functions, each doing one thing.
+
+Training: sample a crop window from the JPEG header alone, decode only that window
+(fused decode-and-crop), resize, flip, normalize. Evaluation: decode a centre window,
+resize, normalize. All randomness is stateless and driven by an explicit seed, so an
+example's augmentation depends only on (seed, its position in the stream) and not on
+how many threads ran the map: that is what lets a resumed run reproduce the original.
+
+Why fused: a random crop keeps on average about half the pixels (area 0.08-1), and
+libjpeg can skip the entropy decoding of whole MCU rows outside the window, so decoding
+the window costs less than decoding the image and slicing (Ying et al. 2018, sec. 3.2).
+Beyond the paper: when the window is at least twice the output size on both sides,
+libjpeg can also decode at 1/2, 1/4 or 1/8 scale in the DCT domain, which skips most of
+the inverse-DCT work and shrinks the resize.
+"""
+
+import tensorflow as tf
+
+# ImageNet per-channel statistics of RGB pixels in [0, 255]; inputs are normalized as
+# (pixel - mean) / stddev, the convention of the reference ResNet-50 code.
+IMAGENET_MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+# The reference evaluation crop: resize-to-256-then-centre-224, as a fraction of the
+# shorter side.
+EVAL_CROP_FRACTION = 224 / 256
+
+# Scales libjpeg can decode at directly (1/ratio of each side).
+DCT_SCALE_RATIOS = (1, 2, 4, 8)
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG"
+_GIF_MAGIC = b"GIF8"
+_BMP_MAGIC = b"BM"
+_JPEG_END_OF_IMAGE = (0xFF, 0xD9)
+# How far from the end of a JPEG the end-of-image marker may sit (some writers pad).
+_END_MARKER_SEARCH_BYTES = 64
+
+
+def is_jpeg(image_bytes):
+  """True if the bytes start with the JPEG start-of-image marker."""
+  return tf.equal(tf.strings.substr(image_bytes, 0, 3), _JPEG_MAGIC)
+
+
+def _tail_bytes(image_bytes, length):
+  """The last `length` bytes (fewer if the string is shorter) as a uint8 vector."""
+  size = tf.strings.length(image_bytes)
+  start = tf.maximum(size - length, 0)
+  return tf.io.decode_raw(tf.strings.substr(image_bytes, start, size - start), tf.uint8)
+
+
+def has_jpeg_end_marker(image_bytes):
+  """True if an end-of-image marker (FF D9) is among the last bytes.
+
+  Inside the entropy-coded data every FF byte is followed by 00 or a restart marker, so
+  FF D9 near the end means the stream was not cut short. A truncated JPEG is the common
+  corruption (interrupted download or copy); decoding one fails the whole op.
+  """
+  tail = tf.cast(_tail_bytes(image_bytes, _END_MARKER_SEARCH_BYTES), tf.int32)
+  return tf.reduce_any(tf.logical_and(tf.equal(tail[:-1], _JPEG_END_OF_IMAGE[0]),
+                                      tf.equal(tail[1:], _JPEG_END_OF_IMAGE[1])))
+
+
+def is_decodable_image(image_bytes):
+  """Cheap check, before decoding, that the bytes hold a complete image.
+
+  A complete JPEG, or a PNG (with its IEND chunk), GIF or BMP, which the generic
+  decoder handles: a PNG stored in a "JPEG" field is decoded, not skipped. Anything else
+  would raise inside the decode op and end the run, so the pipeline drops and counts it.
+  """
+  head = tf.strings.substr(image_bytes, 0, 4)
+  complete_jpeg = tf.logical_and(is_jpeg(image_bytes), has_jpeg_end_marker(image_bytes))
+  # A PNG ends with its 12-byte IEND chunk: length (4), "IEND", CRC (4).
+  iend_type = tf.strings.substr(image_bytes,
+                                tf.maximum(tf.strings.length(image_bytes) - 8, 0), 4)
+  complete_png = tf.logical_and(tf.equal(head, _PNG_MAGIC), tf.equal(iend_type, b"IEND"))
+  other = tf.logical_or(tf.equal(head, _GIF_MAGIC),
+                        tf.equal(tf.strings.substr(image_bytes, 0, 2), _BMP_MAGIC))
+  return tf.logical_or(complete_jpeg, tf.logical_or(complete_png, other))
+
+
+def center_crop_window(image_shape, crop_fraction=EVAL_CROP_FRACTION):
+  """A centred square window, `crop_fraction` of the shorter side.
+
+  Returns:
+    int32 [4]: offset_y, offset_x, height, width.
+  """
+  height, width = image_shape[0], image_shape[1]
+  side = tf.cast(crop_fraction * tf.cast(tf.minimum(height, width), tf.float32), tf.int32)
+  side = tf.maximum(side, 1)
+  return tf.stack([(height - side + 1) // 2, (width - side + 1) // 2, side, side])
+
+
+def random_crop_window(image_shape, bboxes, seed, *, area_range=(0.08, 1.0),
+                       aspect_ratio_range=(3 / 4, 4 / 3), max_attempts=10,
+                       min_object_covered=0.1, fallback_crop_fraction=EVAL_CROP_FRACTION):
+  """Samples the Inception-style random crop window, from the image shape alone.
+
+  Tries `max_attempts` windows with area in `area_range` (fraction of the image) and
+  width/height in `aspect_ratio_range` covering at least `min_object_covered` of a
+  bounding box (the whole image when there are none). If all fail, falls back to the
+  centre crop, as the reference ResNet code does.
+
+  Args:
+    image_shape: int32 [3] (height, width, channels).
+    bboxes: float32 [num_boxes, 4] (ymin, xmin, ymax, xmax) in [0, 1]; may be empty.
+    seed: int32/int64 [2] seed for the stateless sampler.
+
+  Returns:
+    int32 [4]: offset_y, offset_x, height, width.
+  """
+  image_shape = tf.cast(image_shape, tf.int32)
+  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      image_shape,
+      bounding_boxes=tf.reshape(tf.cast(bboxes, tf.float32), [1, -1, 4]),
+      seed=seed,
+      min_object_covered=min_object_covered,
+      aspect_ratio_range=aspect_ratio_range,
+      area_range=area_range,
+      max_attempts=max_attempts,
+      use_image_if_no_bounding_boxes=True)
+  window = tf.stack([begin[0], begin[1], size[0], size[1]])
+  # The sampler returns the whole image when every attempt failed.
+  failed = tf.reduce_all(tf.equal(window[2:], image_shape[:2]))
+  return tf.cond(failed, lambda: center_crop_window(image_shape, fallback_crop_fraction),
+                 lambda: window)
+
+
+def dct_scale_ratio(window, output_size, max_ratio=8):
+  """The largest of 1, 2, 4, 8 (<= max_ratio) leaving the window >= output_size a side.
+
+  Decoding at 1/ratio scale is then followed by a resize that still shrinks (or keeps)
+  the window, so no detail the output could show is thrown away.
+  """
+  shorter_side = tf.minimum(window[2], window[3])
+  ratio = tf.constant(1, tf.int32)
+  for candidate in DCT_SCALE_RATIOS[1:]:
+    if candidate <= max_ratio:
+      ratio = tf.where(shorter_side >= candidate * output_size, candidate, ratio)
+  return ratio
+
+
+def scale_crop_window(window, ratio):
+  """The window in the coordinates of an image decoded at 1/ratio scale.
+
+  libjpeg's scaled image is ceil(side / ratio) pixels; flooring both offset and size
+  keeps the scaled window inside it. In full-scale pixels the crop is then the window
+  with offset and size rounded down to multiples of `ratio` (`window // r * r`): a
+  shift of under `ratio` pixels, as random as the window itself. (Compare a scaled
+  decode with a full-scale crop of that aligned window, not of the original: half a
+  scaled pixel of misalignment alone costs about 8 dB of PSNR at ratio 8.)
+  """
+  return window // ratio
+
+
+def decode_jpeg_window(image_bytes, window, ratio=None):
+  """Fused decode-and-crop of a JPEG; with `ratio` (int32 scalar), at 1/ratio scale.
+
+  `ratio` is an attribute of the decode op, not an input, so each scale is its own
+  branch of a `switch_case`; only the selected branch runs.
+  """
+  if ratio is None:
+    return tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3)
+  branches = [
+      lambda r=r: tf.image.decode_and_crop_jpeg(
+          image_bytes, scale_crop_window(window, r), channels=3, ratio=r)
+      for r in DCT_SCALE_RATIOS
+  ]
+  index = tf.cast(tf.math.log(tf.cast(ratio, tf.float32)) / tf.math.log(2.0) + 0.5,
+                  tf.int32)
+  return tf.switch_case(index, branches)
+
+
+def crop_window(image, window):
+  """Slices `window` (offset_y, offset_x, height, width) out of a decoded image."""
+  return tf.slice(image, tf.stack([window[0], window[1], 0]),
+                  tf.stack([window[2], window[3], -1]))
+
+
+def _decode_and_crop(image_bytes, choose_window, output_size, use_dct_scaling):
+  """Decodes the window `choose_window(image_shape)` picks; JPEG fused, others generic."""
+  def jpeg():
+    window = choose_window(tf.image.extract_jpeg_shape(image_bytes))
+    ratio = dct_scale_ratio(window, output_size) if use_dct_scaling else None
+    return decode_jpeg_window(image_bytes, window, ratio)
+
+  def generic():  # PNG, GIF or BMP, e.g. a PNG in a "JPEG" record: decode, then slice.
+    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+    return crop_window(image, choose_window(tf.shape(image)))
+
+  image = tf.cond(is_jpeg(image_bytes), jpeg, generic)
+  image.set_shape([None, None, 3])
+  return image
+
+
+def decode_and_random_crop(image_bytes, bboxes, seed, *, output_size,
+                           use_dct_scaling=False, **window_kwargs):
+  """Decodes only a random crop window of the image (uint8 [h, w, 3]).
+
+  `window_kwargs` go to `random_crop_window` (area_range, aspect_ratio_range, ...);
+  `output_size` is only used to choose the DCT scale.
+  """
+  return _decode_and_crop(
+      image_bytes, lambda shape: random_crop_window(shape, bboxes, seed, **window_kwargs),
+      output_size, use_dct_scaling)
+
+
+def decode_and_center_crop(image_bytes, *, output_size, crop_fraction=EVAL_CROP_FRACTION,
+                           use_dct_scaling=False):
+  """Decodes only the centre window (`crop_fraction` of the shorter side)."""
+  return _decode_and_crop(
+      image_bytes, lambda shape: center_crop_window(shape, crop_fraction), output_size,
+      use_dct_scaling)
+
+
+def resize_image(image, output_size, method="bilinear", antialias=False):
+  """Resizes to output_size x output_size; float32 in [0, 255]."""
+  image = tf.image.resize(image, [output_size, output_size], method=method,
+                          antialias=antialias)
+  image.set_shape([output_size, output_size, 3])
+  return image
+
+
+def random_flip(image, seed):
+  """Left-right flip with probability 1/2, decided by `seed`."""
+  return tf.image.stateless_random_flip_left_right(image, seed)
+
+
+def normalize_image(image, mean=IMAGENET_MEAN_RGB, stddev=IMAGENET_STDDEV_RGB,
+                    dtype=tf.float32):
+  """(pixel - mean) / stddev per channel, then cast (bfloat16 for TPUs)."""
+  image = (tf.cast(image, tf.float32) - tf.constant(mean, tf.float32)) / tf.constant(
+      stddev, tf.float32)
+  return tf.cast(image, dtype)
+
+
+def preprocess_for_train(image_bytes, bboxes, seed, *, image_size, area_range=(0.08, 1.0),
+                         aspect_ratio_range=(3 / 4, 4 / 3), max_attempts=10,
+                         use_dct_scaling=False, resize_method="bilinear",
+                         dtype=tf.float32):
+  """Encoded image -> augmented, normalized [image_size, image_size, 3] `dtype`."""
+  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  image = decode_and_random_crop(
+      image_bytes, bboxes, crop_seed, output_size=image_size,
+      use_dct_scaling=use_dct_scaling, area_range=area_range,
+      aspect_ratio_range=aspect_ratio_range, max_attempts=max_attempts)
+  image = resize_image(image, image_size, method=resize_method)
+  image = random_flip(image, flip_seed)
+  return normalize_image(image, dtype=dtype)
+
+
+def preprocess_for_eval(image_bytes, *, image_size, crop_fraction=EVAL_CROP_FRACTION,
+                        use_dct_scaling=False, resize_method="bilinear",
+                        dtype=tf.float32):
+  """Encoded image -> centre-cropped, normalized [image_size, image_size, 3] `dtype`."""
+  image = decode_and_center_crop(image_bytes, output_size=image_size,
+                                 crop_fraction=crop_fraction,
+                                 use_dct_scaling=use_dct_scaling)
+  image = resize_image(image, image_size, method=resize_method)
+  return normalize_image(image, dtype=dtype)

@@ -1,0 +1,13 @@
+"""The 2-D torus all-reduce: replica grid, collective seam and gradient aggregator."""
+
+from allreduce.collectives import CollectiveOpsSeam
+from allreduce.collectives import CollectiveSeam
+from allreduce.collectives import TpuCollectiveSeam
+from allreduce.collectives import seam_for_strategy
+from allreduce.topology import TopologyError
+from allreduce.topology import TorusTopology
+from allreduce.topology import most_square_grid
+from allreduce.topology import parse_grid
+from allreduce.torus_aggregator import DEFAULT_PACK_SIZE_BYTES
+from allreduce.torus_aggregator import TorusGradientAggregator
+from allreduce.torus_aggregator import make_torus_aggregator

@@ -1,0 +1,331 @@
+"""The one collective seam: grouped sum, reduce-scatter and all-gather across replicas.
+
+Layers (grouped batch norm) and the gradient aggregator call a `CollectiveSeam`, never
+raw collective ops, so the same model code runs on two back ends:
+
+* `TpuCollectiveSeam`: `CrossReplicaSum` and `AllToAll` with a `group_assignment`
+  constant, the ops XLA turns into interconnect collectives on a TPU pod.
+* `CollectiveOpsSeam`: TensorFlow's collective ops (`CollectiveReduceV2`,
+  `CollectiveAllToAllV2`, `CollectiveGatherV2`) for CPU, GPU and multi-worker
+  strategies, with one group key per group of replicas.
+
+Every method runs in *replica context* (inside `strategy.run`, a Keras `train_step`
+or an optimizer's `apply_gradients`) and takes a `group_assignment`: a list of lists of
+global replica ids that partitions all replicas, the TPU convention that
+`allreduce.topology` produces. A replica's *rank* in its group is its position in its
+group's list; reduce-scatter shards and all-gather pieces follow that order on both back
+ends.
+"""
+
+import hashlib
+import threading
+from typing import Dict, Sequence, Tuple
+
+import tensorflow as tf
+
+from allreduce.topology import GroupAssignment, TopologyError
+
+# Our group keys live far above the ones tf.distribute hands out (it counts up from 1
+# per strategy), so grouped collectives never join a strategy's own all-reduce.
+_GROUP_KEY_BASE = 1 << 24
+_GROUP_KEY_SPAN = 1 << 28
+
+
+def check_group_assignment(group_assignment: GroupAssignment,
+                           num_replicas: int) -> Tuple[Tuple[int, ...], ...]:
+  """Validates that the groups partition `range(num_replicas)` into equal sizes.
+
+  Returns the groups as tuples (hashable, for caching). Equal sizes are what TPU
+  collectives require, and a replica missing from every group would wait forever.
+  """
+  groups = tuple(tuple(int(r) for r in group) for group in group_assignment)
+  if not groups or not all(groups):
+    raise TopologyError(f"group_assignment must hold non-empty groups, got "
+                        f"{group_assignment!r}")
+  members = sorted(r for group in groups for r in group)
+  if members != list(range(num_replicas)):
+    raise TopologyError(
+        f"group_assignment {[list(g) for g in groups]} must list every replica "
+        f"0..{num_replicas - 1} exactly once")
+  if len({len(group) for group in groups}) != 1:
+    raise TopologyError(
+        f"all groups must have the same size, got {[list(g) for g in groups]}")
+  return groups
+
+
+def group_of(groups: Sequence[Sequence[int]], replica_id: int) -> Tuple[int, ...]:
+  """The group that holds `replica_id`."""
+  for group in groups:
+    if replica_id in group:
+      return tuple(group)
+  raise TopologyError(f"replica {replica_id} is in no group of {groups}")
+
+
+def split_for_group(value, group_size: int):
+  """Views a 1-D `value` as `[group_size, length / group_size]` chunks."""
+  if value.shape.rank != 1:
+    raise ValueError(f"reduce_scatter_sum takes a 1-D tensor, got shape {value.shape}")
+  length = value.shape[0]
+  if length is not None and length % group_size:
+    raise ValueError(
+        f"reduce_scatter_sum needs a length divisible by the group size "
+        f"{group_size}, got {length}")
+  return tf.reshape(value, [group_size, -1])
+
+
+def sum_received_chunks(received):
+  """Sums the `[group_size, ...]` chunks an all-to-all delivered (reduce-scatter).
+
+  `add_n` over the rows beats `reduce_sum(axis=0)` on CPU (measured 1.2-1.4x on
+  100 MB), and the rows are views of the received buffer, not copies.
+  """
+  return tf.add_n(tf.unstack(received, axis=0))
+
+
+def _check_gatherable(value):
+  if value.shape.rank is not None and value.shape.rank < 1:
+    raise ValueError("all_gather concatenates along axis 0 and needs rank >= 1, "
+                     f"got shape {value.shape}")
+
+
+class CollectiveSeam:
+  """Grouped collectives in replica context. Subclasses implement a back end."""
+
+  def all_reduce_sum(self, value, group_assignment: GroupAssignment):
+    """The sum of `value` over this replica's group; same shape and dtype."""
+    raise NotImplementedError
+
+  def reduce_scatter_sum(self, value, group_assignment: GroupAssignment):
+    """This replica's shard of the group sum of a 1-D `value`.
+
+    `value` is split into `group_size` equal chunks; the replica of rank r receives
+    the sum over its group of chunk r.
+    """
+    raise NotImplementedError
+
+  def all_gather(self, value, group_assignment: GroupAssignment):
+    """The group's `value`s concatenated along axis 0 in rank order."""
+    raise NotImplementedError
+
+
+def _replica_context():
+  context = tf.distribute.get_replica_context()
+  if context is None:
+    raise RuntimeError(
+        "collectives run in replica context: call them inside strategy.run, a "
+        "Keras train_step or an optimizer's apply_gradients")
+  return context
+
+
+class TpuCollectiveSeam(CollectiveSeam):
+  """TPU back end: XLA's grouped cross-replica ops.
+
+  Ranks are positions in the `group_assignment` lists, as XLA defines them, so no
+  replica id is needed at trace time (on TPU it is only known when the program runs).
+  Reduce-scatter is an `AllToAll` (chunk r goes to rank r) followed by a local sum of
+  the received chunks: each replica sends and receives (n-1)/n of its buffer, what a
+  reduce-scatter ring moves. All-gather is an `AllToAll` of the value repeated n times:
+  each rank receives every rank's copy, again (n-1)/n of the output per replica.
+  """
+
+  def _groups(self, group_assignment):
+    return check_group_assignment(group_assignment,
+                                  _replica_context().num_replicas_in_sync)
+
+  def all_reduce_sum(self, value, group_assignment):
+    groups = self._groups(group_assignment)
+    if len(groups[0]) == 1:
+      return tf.identity(value)
+    return tf.raw_ops.CrossReplicaSum(
+        input=value, group_assignment=tf.constant(groups, tf.int32))
+
+  def reduce_scatter_sum(self, value, group_assignment):
+    groups = self._groups(group_assignment)
+    group_size = len(groups[0])
+    chunks = split_for_group(value, group_size)
+    if group_size == 1:
+      return tf.reshape(chunks, [-1])
+    received = tf.raw_ops.AllToAll(
+        input=chunks, group_assignment=tf.constant(groups, tf.int32),
+        concat_dimension=0, split_dimension=0, split_count=group_size)
+    return sum_received_chunks(received)
+
+  def all_gather(self, value, group_assignment):
+    _check_gatherable(value)
+    groups = self._groups(group_assignment)
+    group_size = len(groups[0])
+    if group_size == 1:
+      return tf.identity(value)
+    repeated = tf.tile(value, [group_size] + [1] * (value.shape.rank - 1))
+    return tf.raw_ops.AllToAll(
+        input=repeated, group_assignment=tf.constant(groups, tf.int32),
+        concat_dimension=0, split_dimension=0, split_count=group_size)
+
+
+class _CollectiveKeys:
+  """Process-wide group keys, instance keys and ordering tokens.
+
+  Shared by every `CollectiveOpsSeam` in the process: two seams used in one step (say
+  batch norm and the gradient aggregator) must never reuse an instance key of a group,
+  and the same group must get the same key in every process of a multi-worker job.
+
+  * Group key: a hash of what identifies the group (its member devices when every
+    replica is local, else its member replica ids and the replica count), so every
+    process derives it alone.
+  * Instance key: a counter per (group key, replica). Each member of a group issues
+    the same sequence of collectives on that group, so the members' counters agree
+    whatever other groups, seams or strategies used the process before.
+  * Ordering token: a resource handle on the replica's device. Collectives that take
+    it are ordered among themselves on that device and nowhere else; without it
+    automatic control dependencies chain all replicas' collectives in one sequence,
+    and every replica waits on a peer that cannot start.
+  """
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self._instance_counters: Dict[Tuple[int, int], int] = {}
+    self._tokens: Dict[str, tf.Tensor] = {}
+
+  def group_key(self, identity: str) -> int:
+    digest = hashlib.sha256(identity.encode("utf-8")).digest()
+    return _GROUP_KEY_BASE + int.from_bytes(digest[:8], "little") % _GROUP_KEY_SPAN
+
+  def next_instance_key(self, group_key: int, replica_id: int) -> int:
+    with self._lock:
+      key = self._instance_counters.get((group_key, replica_id), 0) + 1
+      self._instance_counters[(group_key, replica_id)] = key
+      return key
+
+  def ordering_token(self, device: str):
+    with self._lock:
+      token = self._tokens.get(device)
+      if token is None:
+        # A handle is all the op needs: the token orders, it is never read.
+        with tf.init_scope(), tf.device(device):
+          token = tf.raw_ops.VarHandleOp(
+              dtype=tf.float32, shape=[],
+              shared_name=f"torus_allreduce_ordering_token_{device}")
+        self._tokens[device] = token
+      return token
+
+
+_KEYS = _CollectiveKeys()
+
+
+class CollectiveOpsSeam(CollectiveSeam):
+  """CPU / GPU / multi-worker back end on TensorFlow's collective ops.
+
+  Works under `MirroredStrategy` and `MultiWorkerMirroredStrategy`, where a replica's
+  id is a Python constant while tracing. TensorFlow ranks a group's members by device
+  name; with the strategies' usual device lists that is ascending replica id. Groups
+  listed in another order are served by permuting chunks locally so that ranks stay
+  positions in the caller's lists.
+
+  Reduce-scatter is `CollectiveAllToAllV2` plus a local sum (TensorFlow has no CPU
+  kernel for `CollectiveReduceScatterV2`). `timeout_seconds` bounds every wait, so a
+  missing peer fails the step instead of hanging it; 0 waits forever.
+  """
+
+  def __init__(self, timeout_seconds: float = 0.0, communication_hint: str = "auto"):
+    self._timeout_seconds = float(timeout_seconds)
+    self._communication_hint = communication_hint
+
+  def _group(self, group_assignment):
+    """This replica's id and group, validated (nothing allocated yet)."""
+    context = _replica_context()
+    replica_id = tf.get_static_value(context.replica_id_in_sync_group)
+    if replica_id is None:
+      raise RuntimeError(
+          "CollectiveOpsSeam needs the replica id at trace time (MirroredStrategy, "
+          "MultiWorkerMirroredStrategy); use TpuCollectiveSeam on TPU")
+    groups = check_group_assignment(group_assignment, context.num_replicas_in_sync)
+    return int(replica_id), group_of(groups, int(replica_id))
+
+  def _launch_params(self, replica_id, group):
+    """Keys and token for one collective of this replica on `group`.
+
+    Allocates an instance key, so it is called only once every check has passed:
+    a replica that raised after allocating would leave its group's counters out of
+    step, and the group's next collective would wait forever.
+    """
+    context = _replica_context()
+    group_key = _KEYS.group_key(
+        self._group_identity(context, group, context.num_replicas_in_sync))
+    return dict(
+        group_size=len(group),
+        group_key=group_key,
+        instance_key=_KEYS.next_instance_key(group_key, replica_id),
+        ordering_token=[_KEYS.ordering_token(_replica_device(context))],
+        communication_hint=self._communication_hint,
+        timeout_seconds=self._timeout_seconds)
+
+  @staticmethod
+  def _group_identity(context, group, num_replicas):
+    devices = context.strategy.extended.worker_devices
+    if len(devices) == num_replicas:
+      # Single process: name the devices, so two strategies over different devices
+      # never share a key.
+      return "devices:" + ",".join(sorted(devices[r] for r in group))
+    return f"replicas:{num_replicas}:" + ",".join(str(r) for r in sorted(group))
+
+  def all_reduce_sum(self, value, group_assignment):
+    value = tf.convert_to_tensor(value)
+    replica_id, group = self._group(group_assignment)
+    if len(group) == 1:
+      return tf.identity(value)
+    return tf.raw_ops.CollectiveReduceV2(
+        input=value, merge_op="Add", final_op="Id",
+        **self._launch_params(replica_id, group))
+
+  def reduce_scatter_sum(self, value, group_assignment):
+    value = tf.convert_to_tensor(value)
+    replica_id, group = self._group(group_assignment)
+    chunks = split_for_group(value, len(group))
+    if len(group) == 1:
+      return value
+    # Row j of the op's [group_size, ...] input goes to TensorFlow's rank j, the j-th
+    # smallest member, which wants the shard of its position in `group`.
+    order = [group.index(member) for member in sorted(group)]
+    if order != sorted(order):
+      chunks = tf.gather(chunks, order)
+    received = tf.raw_ops.CollectiveAllToAllV2(
+        input=chunks, **self._launch_params(replica_id, group))
+    return sum_received_chunks(received)
+
+  def all_gather(self, value, group_assignment):
+    value = tf.convert_to_tensor(value)
+    _check_gatherable(value)
+    replica_id, group = self._group(group_assignment)
+    if len(group) == 1:
+      return tf.identity(value)
+    gathered = tf.raw_ops.CollectiveGatherV2(
+        input=value, **self._launch_params(replica_id, group))
+    # Pieces arrive in TensorFlow's rank order (ascending replica id).
+    ranked = sorted(group)
+    order = [ranked.index(member) for member in group]
+    if order != sorted(order):
+      pieces = tf.reshape(gathered, tf.concat([[len(group)], tf.shape(value)], 0))
+      gathered = tf.reshape(tf.gather(pieces, order), tf.shape(gathered))
+    return gathered
+
+
+def _replica_device(context) -> str:
+  """The device this replica runs on, as the strategy names it."""
+  strategy = context.strategy
+  devices = strategy.extended.worker_devices
+  replica_id = int(tf.get_static_value(context.replica_id_in_sync_group))
+  local_id = replica_id % len(devices)
+  return devices[local_id]
+
+
+def seam_for_strategy(strategy=None, *, timeout_seconds: float = 0.0) -> CollectiveSeam:
+  """The seam for `strategy` (default: the current one).
+
+  `TPUStrategy` gets the TPU back end; everything else the collective-ops back end.
+  Constructing a seam is cheap: all state (keys, tokens) is shared process-wide.
+  """
+  strategy = strategy or tf.distribute.get_strategy()
+  if isinstance(strategy, (tf.distribute.TPUStrategy,
+                           tf.distribute.experimental.TPUStrategy)):
+    return TpuCollectiveSeam()
+  return CollectiveOpsSeam(timeout_seconds=timeout_seconds)

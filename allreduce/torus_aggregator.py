@@ -1,0 +1,242 @@
+"""The paper's 2-D torus gradient summation, as a tf_keras `gradient_aggregator`.
+
+Ying et al. (2018), section 3.3: gradients are packed into a few large buffers, and
+each buffer is summed in three phases on an X x Y grid of replicas:
+
+1. reduce-scatter along x: each replica of a row ends up owning 1/X of the row's sum;
+2. all-reduce of that shard along y: the shard now holds the sum over all replicas;
+3. all-gather along x: every replica gets the whole summed buffer back.
+
+Each phase moves at most 1/X of the buffer per link step, and the latency is about
+2(X-1) + 2(Y-1) steps instead of a ring's 2(XY-1). Packing matters as much as the
+phases: ResNet-50 has 161 gradient tensors, and one collective per tensor (times
+three phases) would be dominated by per-op latency.
+
+Precision: half-precision gradients (bfloat16, float16) are summed in float32, as the
+paper keeps gradient sums in float32, and cast back to their own dtype at the end.
+Other dtypes are summed in their own dtype, one set of packs per dtype.
+"""
+
+import dataclasses
+from typing import List, Optional, Sequence, Tuple, Union
+
+import tensorflow as tf
+
+from allreduce import collectives
+from allreduce.topology import TopologyError, TorusTopology, parse_grid
+
+# A few packs, not one. Measured on 8 logical CPUs (benchmarks/allreduce.py), one
+# 100 MB pack is 6x slower than 4-32 MiB packs: each collective then allocates and
+# walks buffers far beyond the cache, and nothing overlaps. Packs of 16 MiB keep
+# ResNet-50 to 7 packs (21 collectives per replica), too few for per-op cost to show.
+DEFAULT_PACK_SIZE_BYTES = 16 * 1024 * 1024
+
+_SUMMED_IN_FLOAT32 = (tf.bfloat16, tf.float16)
+
+
+# Every tensor starts on a 64-byte boundary of its pack: TensorFlow's CPU kernels
+# (Split, Unpack, Slice) then hand out views of the summed buffer instead of copies.
+_ALIGN_BYTES = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Pack:
+  """Which tensors share one flat buffer, and how it is laid out.
+
+  Tensor `indices[i]` has `sizes[i]` elements and occupies a slot of `slots[i]`
+  elements (its size rounded up to the alignment); the buffer is the slots in order
+  followed by `padding` zeros, so that its length divides evenly into shards.
+  """
+  dtype: tf.DType
+  indices: Tuple[int, ...]
+  sizes: Tuple[int, ...]
+  slots: Tuple[int, ...]
+  padding: int
+
+  @property
+  def length(self) -> int:
+    return sum(self.slots) + self.padding
+
+
+def communication_dtype(dtype: tf.DType) -> tf.DType:
+  """The dtype a gradient of `dtype` is summed in."""
+  return tf.float32 if dtype in _SUMMED_IN_FLOAT32 else dtype
+
+
+def _round_up(value: int, multiple: int) -> int:
+  return -(-value // multiple) * multiple
+
+
+def plan_packs(sizes: Sequence[int], dtypes: Sequence[tf.DType],
+               pack_size_bytes: int, num_shards: int) -> List[Pack]:
+  """Greedily fills packs of at most `pack_size_bytes`, in list order, per dtype.
+
+  A tensor larger than the cap gets a pack of its own (tensors are never split: the
+  buffer would then need a second copy). Each pack's length is a multiple of
+  `num_shards` (the row size of the reduce-scatter) times the alignment, so every
+  shard is aligned too.
+  """
+  if pack_size_bytes < 1:
+    raise ValueError(f"pack_size_bytes must be positive, got {pack_size_bytes}")
+  packs = []
+  open_packs = {}  # dtype -> (indices, sizes, bytes)
+
+  def close(dtype):
+    indices, pack_sizes, _ = open_packs.pop(dtype)
+    align = max(1, _ALIGN_BYTES // dtype.size)
+    slots = tuple(_round_up(max(size, 1), align) for size in pack_sizes)
+    padding = _round_up(sum(slots), align * num_shards) - sum(slots)
+    packs.append(Pack(dtype, tuple(indices), tuple(pack_sizes), slots, padding))
+
+  for index, (size, dtype) in enumerate(zip(sizes, dtypes)):
+    nbytes = size * dtype.size
+    if dtype in open_packs and open_packs[dtype][2] + nbytes > pack_size_bytes:
+      close(dtype)
+    indices, pack_sizes, used = open_packs.setdefault(dtype, ([], [], 0))
+    open_packs[dtype] = (indices + [index], pack_sizes + [size], used + nbytes)
+  for dtype in list(open_packs):
+    close(dtype)
+  return packs
+
+
+def _as_topology(torus_shape) -> TorusTopology:
+  if isinstance(torus_shape, TorusTopology):
+    return torus_shape
+  if isinstance(torus_shape, str):
+    return TorusTopology(*parse_grid(torus_shape))
+  x_size, y_size = torus_shape
+  return TorusTopology(int(x_size), int(y_size))
+
+
+class TorusGradientAggregator:
+  """Sums gradients over all replicas with the three-phase torus all-reduce.
+
+  Call it in replica context with a list of `(gradient, variable)` pairs; it returns
+  the list with every gradient replaced by its sum over replicas (or mean, with
+  `average=True`). `None` gradients pass through. `IndexedSlices` are densified
+  first (ResNet has none; a sparse path would not pay for itself here).
+
+  The collective back end (`seam`) is either given, or a `tf.distribute.Strategy` to
+  derive it from, or None: then it is taken from the strategy current at call time
+  (`seam_for_strategy(tf.distribute.get_strategy())`), which is what an optimizer built
+  inside `strategy.scope()` wants.
+  """
+
+  def __init__(self, topology: TorusTopology,
+               seam: Union[None, collectives.CollectiveSeam,
+                           tf.distribute.Strategy] = None,
+               pack_size_bytes: int = DEFAULT_PACK_SIZE_BYTES,
+               average: bool = False,
+               timeout_seconds: float = 0.0):
+    if pack_size_bytes < 1:
+      raise ValueError(f"pack_size_bytes must be positive, got {pack_size_bytes}")
+    self.topology = topology
+    self.pack_size_bytes = int(pack_size_bytes)
+    self.average = average
+    self._seam = seam
+    self._timeout_seconds = timeout_seconds
+
+  def _resolve_seam(self) -> collectives.CollectiveSeam:
+    if isinstance(self._seam, collectives.CollectiveSeam):
+      return self._seam
+    return collectives.seam_for_strategy(self._seam,
+                                         timeout_seconds=self._timeout_seconds)
+
+  def _check_replicas(self):
+    context = tf.distribute.get_replica_context()
+    if context is None:
+      raise RuntimeError("the torus aggregator runs in replica context (inside "
+                         "strategy.run or an optimizer's apply_gradients)")
+    if context.num_replicas_in_sync != self.topology.num_replicas:
+      raise TopologyError(
+          f"torus shape {self.topology} holds {self.topology.num_replicas} replicas "
+          f"but the strategy has {context.num_replicas_in_sync}; pass a torus_shape "
+          f"whose product is {context.num_replicas_in_sync}")
+
+  def __call__(self, grads_and_vars):
+    grads_and_vars = list(grads_and_vars)
+    summed = self.all_reduce([g for g, _ in grads_and_vars])
+    return [(g, v) for g, (_, v) in zip(summed, grads_and_vars)]
+
+  def all_reduce(self, tensors: Sequence[Optional[tf.Tensor]]
+                 ) -> List[Optional[tf.Tensor]]:
+    """The sum (or mean) over replicas of each tensor; `None` stays `None`."""
+    self._check_replicas()
+    seam = self._resolve_seam()
+    results: List[Optional[tf.Tensor]] = [None] * len(tensors)
+    present = [i for i, t in enumerate(tensors) if t is not None]
+    if not present:
+      return results
+    dense = [tf.convert_to_tensor(tensors[i]) for i in present]
+    for t in dense:
+      if not t.shape.is_fully_defined():
+        raise ValueError(f"the torus aggregator needs static shapes, got {t.shape}")
+    packs = plan_packs([t.shape.num_elements() for t in dense],
+                       [communication_dtype(t.dtype) for t in dense],
+                       self.pack_size_bytes, num_shards=self.topology.x_size)
+    rows = self.topology.row_groups()
+    columns = self.topology.column_groups()
+
+    # Phases run breadth-first over the packs: every replica orders its collectives
+    # in issue order, so pack k+1's reduce-scatter is on the wire while pack k's
+    # received chunks are being summed.
+    buffers = [self._pack(pack, dense) for pack in packs]
+    shards = [seam.reduce_scatter_sum(b, rows) for b in buffers]
+    shards = [seam.all_reduce_sum(s, columns) for s in shards]
+    if self.average:
+      # Dividing the shard, not the full buffer, touches 1/X of the data.
+      shards = [s / tf.cast(self.topology.num_replicas, s.dtype) for s in shards]
+    buffers = [seam.all_gather(s, rows) for s in shards]
+    for pack, buffer in zip(packs, buffers):
+      for index, piece in zip(pack.indices, self._unpack(pack, buffer)):
+        original = dense[index]
+        results[present[index]] = tf.cast(
+            tf.reshape(piece, original.shape), original.dtype)
+    return results
+
+  @staticmethod
+  def _pack(pack: Pack, tensors) -> tf.Tensor:
+    parts = []
+    for index, size, slot in zip(pack.indices, pack.sizes, pack.slots):
+      parts.append(tf.reshape(tf.cast(tensors[index], pack.dtype), [-1]))
+      if slot > size:
+        parts.append(tf.zeros([slot - size], pack.dtype))
+    if pack.padding:
+      parts.append(tf.zeros([pack.padding], pack.dtype))
+    return parts[0] if len(parts) == 1 else tf.concat(parts, axis=0)
+
+  @staticmethod
+  def _unpack(pack: Pack, buffer: tf.Tensor) -> List[tf.Tensor]:
+    slots = list(pack.slots)
+    slots[-1] += pack.padding
+    pieces = tf.split(buffer, slots) if len(slots) > 1 else [buffer]
+    return [piece if slot == size else piece[:size]
+            for piece, slot, size in zip(pieces, slots, pack.sizes)]
+
+
+def make_torus_aggregator(torus_shape, *, seam=None,
+                          pack_size_bytes: int = DEFAULT_PACK_SIZE_BYTES,
+                          average: bool = False,
+                          timeout_seconds: float = 0.0) -> TorusGradientAggregator:
+  """A `gradient_aggregator=` for tf_keras optimizers that sums on a 2-D torus.
+
+  Args:
+    torus_shape: `(x, y)`, a string like "2x4", or a `TorusTopology` (for a grid that
+      follows physical chip coordinates). Its product must equal the replica count;
+      that is checked when the aggregator first runs, in replica context.
+    seam: a `CollectiveSeam`, a `tf.distribute.Strategy`, or None for the strategy
+      current when the aggregator is called.
+    pack_size_bytes: cap on one flat buffer, counted in the summation dtype.
+    average: divide the sums by the replica count. Keras losses are already scaled by
+      1 / global batch, so training wants the sum (the default).
+    timeout_seconds: bound on each collective wait for the collective-ops back end
+      (0: wait forever). A timeout fails the step instead of hanging it.
+
+  Passed as `gradient_aggregator=`, it replaces the optimizer's own cross-replica
+  sum: tf_keras' `OptimizerV2.apply_gradients` calls it instead of
+  `all_reduce_sum_gradients`, and `_distributed_apply` applies each replica's
+  (already summed) gradient without reducing again.
+  """
+  return TorusGradientAggregator(_as_topology(torus_shape), seam=seam,
+                                 pack_size_bytes=pack_size_bytes, average=average,
+                                 timeout_seconds=timeout_seconds)

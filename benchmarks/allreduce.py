@@ -1,0 +1,153 @@
+"""Times the torus gradient aggregator against the strategy's own all-reduce.
+
+Both sum the same per-replica gradients, shaped like ResNet-50 v1.5's variables
+(25,557,032 float32 values), under one MirroredStrategy over 8 logical CPUs, in one
+process, alternating run by run so that both see the same machine state. Prints the
+median of several runs of each and, last, `torus_vs_strategy: <ratio>x`.
+
+    .venv/bin/python benchmarks/allreduce.py [--grids 2x4,1x8] [--runs 7]
+
+The first grid listed gives the ratio on the last line.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+NUM_REPLICAS = 8
+RESNET50_NUM_VALUES = 25_557_032
+
+
+def resnet50_variable_shapes():
+  """ResNet-50 v1.5's trainable variables in model order (the gradient list).
+
+  Convolutions have no bias (batch norm follows each); every batch norm has a gamma
+  and a beta. 161 tensors, 25,557,032 values.
+  """
+  shapes = []
+
+  def conv_bn(kernel, cin, cout):
+    shapes.append((kernel, kernel, cin, cout))
+    shapes.extend([(cout,)] * 2)  # gamma, beta
+
+  conv_bn(7, 3, 64)
+  cin = 64
+  for blocks, width in ((3, 64), (4, 128), (6, 256), (3, 512)):
+    for block in range(blocks):
+      if block == 0:
+        conv_bn(1, cin, 4 * width)  # projection shortcut
+      conv_bn(1, cin, width)
+      conv_bn(3, width, width)  # v1.5: the stride sits on the 3x3 conv
+      conv_bn(1, width, 4 * width)
+      cin = 4 * width
+  shapes.extend([(2048, 1000), (1000,)])
+  return shapes
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--grids", default="2x4",
+                      help="comma-separated torus shapes; the first gives the ratio")
+  parser.add_argument("--runs", type=int, default=7)
+  parser.add_argument("--pack_sizes_mb", default="",
+                      help="comma-separated pack size caps in MiB to compare "
+                      "(default: the aggregator's default)")
+  args = parser.parse_args(argv)
+
+  from tests import logical_devices  # pylint: disable=g-import-not-at-top
+  import allreduce  # pylint: disable=g-import-not-at-top
+
+  logical_devices.configure_logical_cpus(NUM_REPLICAS)
+  strategy = logical_devices.cpu_mirrored_strategy(NUM_REPLICAS)
+  shapes = resnet50_variable_shapes()
+  num_values = sum(int(tf.TensorShape(s).num_elements()) for s in shapes)
+  assert num_values == RESNET50_NUM_VALUES, num_values
+  print(f"gradients: {len(shapes)} tensors, {num_values:,} float32 values "
+        f"({num_values * 4 / 2**20:.1f} MiB) per replica, {NUM_REPLICAS} replicas "
+        f"on {os.cpu_count()} cores")
+
+  def make_gradients(context):
+    seed = context.replica_id_in_sync_group
+    return tuple(tf.random.stateless_uniform(s, seed=[seed, i], minval=-1.0)
+                 for i, s in enumerate(shapes))
+
+  gradients = strategy.experimental_distribute_values_from_function(make_gradients)
+
+  @tf.function
+  def strategy_sum(grads):
+    return strategy.run(
+        lambda *g: tf.distribute.get_replica_context().all_reduce(
+            tf.distribute.ReduceOp.SUM, list(g)), args=grads)
+
+  def torus_sum_for(grid, pack_size_bytes):
+    aggregator = allreduce.make_torus_aggregator(grid,
+                                                 pack_size_bytes=pack_size_bytes)
+
+    @tf.function
+    def torus_sum(grads):
+      return strategy.run(lambda *g: aggregator.all_reduce(list(g)), args=grads)
+    return torus_sum
+
+  # For reference, not the ratio: the strategy told to pack like the torus does.
+  # Keras' default aggregator calls all_reduce without options (one pack).
+  @tf.function
+  def strategy_packed_sum(grads):
+    options = tf.distribute.experimental.CommunicationOptions(
+        bytes_per_pack=allreduce.DEFAULT_PACK_SIZE_BYTES)
+    return strategy.run(
+        lambda *g: tf.distribute.get_replica_context().all_reduce(
+            tf.distribute.ReduceOp.SUM, list(g), options=options), args=grads)
+
+  contenders = {"strategy": strategy_sum}
+  grids = args.grids.split(",")
+  pack_sizes = ([int(float(mb) * 2**20) for mb in args.pack_sizes_mb.split(",")]
+                if args.pack_sizes_mb else [allreduce.DEFAULT_PACK_SIZE_BYTES])
+  for grid in grids:
+    for pack_size in pack_sizes:
+      contenders[f"torus {grid} {pack_size / 2**20:g}MiB"] = torus_sum_for(
+          grid, pack_size)
+  first_torus = list(contenders)[1]
+  contenders[f"strategy {allreduce.DEFAULT_PACK_SIZE_BYTES / 2**20:g}MiB packs"] = (
+      strategy_packed_sum)
+
+  # Warm up (trace, and first-run allocations) and check the torus sums agree.
+  reference = None
+  for name, fn in contenders.items():
+    out = fn(gradients)
+    out = fn(gradients)
+    first = strategy.experimental_local_results(out)[NUM_REPLICAS - 1][0].numpy()
+    if reference is None:
+      reference = first
+    else:
+      error = abs(first - reference).max()
+      assert error < 1e-4, f"{name} disagrees with the strategy by {error}"
+    del out
+
+  times = {name: [] for name in contenders}
+  for _ in range(args.runs):
+    for name, fn in contenders.items():
+      start = time.perf_counter()
+      out = fn(gradients)
+      # The function returns when its ops have run; touching one value makes sure.
+      strategy.experimental_local_results(out)[0][0].numpy()
+      times[name].append(time.perf_counter() - start)
+      del out
+
+  medians = {name: statistics.median(t) for name, t in times.items()}
+  for name, t in times.items():
+    print(f"{name:>20}: median {medians[name]:.3f} s over {len(t)} runs "
+          f"(min {min(t):.3f}, max {max(t):.3f})")
+  print(f"ratio from {first_torus}")
+  ratio = medians[first_torus] / medians["strategy"]
+  print(f"torus_vs_strategy: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,298 @@
+"""Tests for allreduce.collectives: the collective seam on 8 logical CPUs, and the TPU
+back end traced (it cannot run here) and checked on its graph."""
+
+from tests import logical_devices
+
+logical_devices.configure_logical_cpus()
+
+# pylint: disable=g-import-not-at-top,g-bad-import-order
+from absl.testing import parameterized
+import numpy as np
+import tensorflow as tf
+
+from allreduce import collectives
+from allreduce.topology import TopologyError, TorusTopology
+
+# A bug must fail the test, not hang the suite.
+TIMEOUT_SECONDS = 60
+
+
+def run_per_replica(strategy, step):
+  """Runs `step(replica_id)` on every replica in a tf.function; numpy per replica."""
+
+  @tf.function(autograph=False)
+  def run():
+    def replica_fn():
+      context = tf.distribute.get_replica_context()
+      return step(int(tf.get_static_value(context.replica_id_in_sync_group)))
+    return strategy.run(replica_fn)
+
+  outputs = run()
+  return tf.nest.map_structure(
+      lambda o: [t.numpy() for t in strategy.experimental_local_results(o)], outputs)
+
+
+def per_replica_values(shape, dtype, num_replicas, seed=0):
+  """One integer-valued array per replica (exact sums in any order)."""
+  rng = np.random.default_rng(seed)
+  return rng.integers(-8, 9, size=(num_replicas,) + tuple(shape)).astype(dtype)
+
+
+def grid_groups():
+  """(name, group_assignment) for rows, columns and blocks of every 8-replica grid."""
+  cases = []
+  for x, y in ((1, 8), (2, 4), (4, 2), (8, 1)):
+    topology = TorusTopology(x, y)
+    cases.append((f"rows_{x}x{y}", topology.row_groups()))
+    cases.append((f"columns_{x}x{y}", topology.column_groups()))
+  # Groups listed out of ascending order, as a physical layout produces them.
+  permuted = TorusTopology(4, 2, (7, 2, 5, 0, 3, 6, 1, 4))
+  cases.append(("permuted_rows", permuted.row_groups()))
+  cases.append(("permuted_columns", permuted.column_groups()))
+  return cases
+
+
+def reference_sum(values, group):
+  return np.sum(values[list(group)].astype(np.float64), axis=0)
+
+
+class CollectiveOpsSeamTest(tf.test.TestCase, parameterized.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.strategy = logical_devices.cpu_mirrored_strategy(8)
+    cls.seam = collectives.CollectiveOpsSeam(timeout_seconds=TIMEOUT_SECONDS)
+
+  @parameterized.named_parameters(*grid_groups())
+  def test_all_reduce_reduce_scatter_all_gather(self, groups):
+    """All three collectives for one grouping, on every replica, in one step."""
+    group_size = len(groups[0])
+    matrix = per_replica_values([3, 5], np.float32, 8, seed=1)
+    flat = per_replica_values([4 * group_size], np.float32, 8, seed=2)
+    scalar = per_replica_values([], np.float32, 8, seed=3)
+    pieces = per_replica_values([2, 3], np.int32, 8, seed=4)
+
+    def step(r):
+      return (self.seam.all_reduce_sum(tf.constant(matrix[r]), groups),
+              self.seam.all_reduce_sum(tf.constant(scalar[r]), groups),
+              self.seam.reduce_scatter_sum(tf.constant(flat[r]), groups),
+              self.seam.all_gather(tf.constant(pieces[r]), groups))
+
+    summed, summed_scalar, scattered, gathered = run_per_replica(self.strategy, step)
+    for r in range(8):
+      group = collectives.group_of(groups, r)
+      rank = group.index(r)
+      self.assertAllEqual(summed[r], reference_sum(matrix, group))
+      self.assertEqual(summed[r].dtype, np.float32)
+      self.assertEqual(summed_scalar[r].shape, ())
+      self.assertAllEqual(summed_scalar[r], reference_sum(scalar, group))
+      shard = np.split(reference_sum(flat, group), group_size)[rank]
+      self.assertAllEqual(scattered[r], shard)
+      self.assertAllEqual(gathered[r], np.concatenate([pieces[m] for m in group]))
+      self.assertEqual(gathered[r].dtype, np.int32)
+
+  def test_bfloat16_and_random_values(self):
+    groups = TorusTopology(2, 4).column_groups()
+    rng = np.random.default_rng(5)
+    values = rng.standard_normal((8, 64)).astype(np.float32)
+    halves = per_replica_values([7], np.float32, 8, seed=6)
+
+    def step(r):
+      return (self.seam.all_reduce_sum(tf.constant(values[r]), groups),
+              self.seam.all_reduce_sum(tf.constant(halves[r], tf.bfloat16), groups))
+
+    summed, summed_half = run_per_replica(self.strategy, step)
+    for r in range(8):
+      group = collectives.group_of(groups, r)
+      self.assertAllClose(summed[r], reference_sum(values, group), rtol=1e-6,
+                          atol=1e-6)
+      self.assertEqual(summed_half[r].dtype, tf.bfloat16.as_numpy_dtype)
+      self.assertAllEqual(summed_half[r].astype(np.float32),
+                          reference_sum(halves, group))
+
+  def test_two_seams_and_two_groupings_in_one_step(self):
+    """Instance keys are process-wide: separate seams never collide."""
+    other = collectives.seam_for_strategy(self.strategy,
+                                          timeout_seconds=TIMEOUT_SECONDS)
+    rows = TorusTopology(2, 4).row_groups()
+    blocks = TorusTopology(2, 4).block_groups(4)
+    values = per_replica_values([6], np.float32, 8, seed=7)
+
+    def step(r):
+      v = tf.constant(values[r])
+      return (self.seam.all_reduce_sum(v, rows), other.all_reduce_sum(v, rows),
+              other.all_reduce_sum(v, blocks), self.seam.all_reduce_sum(v, blocks))
+
+    outputs = run_per_replica(self.strategy, step)
+    for r in range(8):
+      for out, groups in zip(outputs, (rows, rows, blocks, blocks)):
+        self.assertAllEqual(out[r],
+                            reference_sum(values, collectives.group_of(groups, r)))
+
+  def test_strategies_of_other_sizes_in_the_same_process(self):
+    """Per-process state survives strategies over different device sets."""
+    values = per_replica_values([4], np.float32, 8, seed=8)
+    for count in (4, 2, 8):
+      strategy = logical_devices.cpu_mirrored_strategy(count)
+      groups = TorusTopology.for_replicas(count, (2, count // 2)).column_groups()
+      outputs = run_per_replica(
+          strategy, lambda r, g=groups: self.seam.all_reduce_sum(
+              tf.constant(values[r]), g))
+      for r in range(count):
+        self.assertAllEqual(outputs[r],
+                            reference_sum(values, collectives.group_of(groups, r)))
+
+  def test_the_same_function_runs_many_steps(self):
+    groups = TorusTopology(4, 2).row_groups()
+    with self.strategy.scope():
+      counter = tf.Variable(0.0)
+
+    @tf.function
+    def step():
+      def replica_fn():
+        context = tf.distribute.get_replica_context()
+        r = tf.cast(context.replica_id_in_sync_group, tf.float32)
+        return self.seam.all_reduce_sum(r + counter, groups)
+      result = self.strategy.run(replica_fn)
+      counter.assign_add(1.0)
+      return result
+
+    for i in range(3):
+      results = [t.numpy() for t in self.strategy.experimental_local_results(step())]
+      self.assertEqual(results, [6.0 + 4 * i] * 4 + [22.0 + 4 * i] * 4)
+
+  @parameterized.named_parameters(
+      ("missing_replica", [[0, 1, 2, 3], [4, 5, 6]], "exactly once"),
+      ("duplicate", [[0, 1, 2, 3], [3, 4, 5, 6, 7]], "exactly once"),
+      ("unequal", [[0, 1, 2], [3, 4, 5, 6, 7]], "same size"),
+      ("out_of_range", [[0, 1, 2, 3], [4, 5, 6, 8]], "exactly once"),
+      ("empty", [], "non-empty"))
+  def test_bad_group_assignment_fails_at_trace_time(self, groups, message):
+    with self.assertRaisesRegex(TopologyError, message):
+      run_per_replica(self.strategy,
+                      lambda r: self.seam.all_reduce_sum(tf.constant(1.0), groups))
+
+  def test_reduce_scatter_needs_divisible_1d_input(self):
+    groups = TorusTopology(4, 2).row_groups()
+    with self.assertRaisesRegex(ValueError, "divisible by the group size 4"):
+      run_per_replica(self.strategy, lambda r: self.seam.reduce_scatter_sum(
+          tf.zeros([6]), groups))
+    with self.assertRaisesRegex(ValueError, "1-D"):
+      run_per_replica(self.strategy, lambda r: self.seam.reduce_scatter_sum(
+          tf.zeros([4, 2]), groups))
+    # The failed traces allocated no instance keys: the group still works.
+    outputs = run_per_replica(self.strategy, lambda r: self.seam.reduce_scatter_sum(
+        tf.fill([8], float(r)), groups))
+    self.assertAllEqual(outputs[5], [22.0, 22.0])
+
+  def test_all_gather_rejects_scalars(self):
+    groups = TorusTopology(4, 2).row_groups()
+    with self.assertRaisesRegex(ValueError, "rank >= 1"):
+      run_per_replica(self.strategy,
+                      lambda r: self.seam.all_gather(tf.constant(1.0), groups))
+
+  def test_needs_replica_context(self):
+    with self.assertRaisesRegex(RuntimeError, "replica context"):
+      with self.strategy.scope():
+        self.seam.all_reduce_sum(tf.constant(1.0), [[0]])
+
+
+class SeamForStrategyTest(tf.test.TestCase):
+
+  def test_mirrored_and_default_get_collective_ops(self):
+    strategy = logical_devices.cpu_mirrored_strategy(8)
+    self.assertIsInstance(collectives.seam_for_strategy(strategy),
+                          collectives.CollectiveOpsSeam)
+    self.assertIsInstance(collectives.seam_for_strategy(),
+                          collectives.CollectiveOpsSeam)
+    with strategy.scope():
+      self.assertIsInstance(collectives.seam_for_strategy(),
+                            collectives.CollectiveOpsSeam)
+
+  def test_tpu_strategy_gets_the_tpu_back_end(self):
+    # No TPU here: an uninitialised instance is enough for the type dispatch.
+    fake_tpu_strategy = tf.distribute.TPUStrategy.__new__(tf.distribute.TPUStrategy)
+    self.assertIsInstance(collectives.seam_for_strategy(fake_tpu_strategy),
+                          collectives.TpuCollectiveSeam)
+
+
+def traced_ops(strategy, step):
+  """Traces `step` on every replica without running it; returns the graph's ops."""
+
+  @tf.function(autograph=False)
+  def run():
+    return strategy.run(step)
+
+  return run.get_concrete_function().graph.get_operations()
+
+
+class TpuCollectiveSeamTracingTest(tf.test.TestCase, parameterized.TestCase):
+  """The TPU ops cannot execute on CPU, but their graphs can be built and checked."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.strategy = logical_devices.cpu_mirrored_strategy(8)
+    cls.seam = collectives.TpuCollectiveSeam()
+
+  @parameterized.parameters((2, 4), (4, 2), (8, 1))
+  def test_all_reduce_is_cross_replica_sum(self, x, y):
+    groups = TorusTopology(x, y).row_groups()
+    ops = traced_ops(self.strategy, lambda: self.seam.all_reduce_sum(
+        tf.ones([3, 2], tf.bfloat16), groups))
+    sums = [op for op in ops if op.type == "CrossReplicaSum"]
+    self.assertLen(sums, 8)  # one per replica
+    for op in sums:
+      self.assertAllEqual(tf.get_static_value(op.inputs[1]), groups)
+      self.assertEqual(op.outputs[0].dtype, tf.bfloat16)
+      self.assertEqual(op.outputs[0].shape, [3, 2])
+    self.assertFalse([op for op in ops if op.type.startswith("Collective")])
+
+  def test_reduce_scatter_is_all_to_all_then_local_sum(self):
+    groups = TorusTopology(4, 2).row_groups()
+    ops = traced_ops(self.strategy,
+                     lambda: self.seam.reduce_scatter_sum(tf.ones([12]), groups))
+    exchanges = [op for op in ops if op.type == "AllToAll"]
+    self.assertLen(exchanges, 8)
+    for op in exchanges:
+      self.assertAllEqual(tf.get_static_value(op.inputs[1]), groups)
+      self.assertEqual(op.get_attr("split_count"), 4)
+      self.assertEqual(op.get_attr("split_dimension"), 0)
+      self.assertEqual(op.get_attr("concat_dimension"), 0)
+      self.assertEqual(op.inputs[0].shape, [4, 3])
+      (unstack,) = op.outputs[0].consumers()
+      self.assertEqual(unstack.type, "Unpack")
+      (add,) = {c for t in unstack.outputs for c in t.consumers()}
+      self.assertEqual(add.type, "AddN")
+      self.assertEqual(add.outputs[0].shape, [3])
+
+  def test_all_gather_is_all_to_all_of_copies(self):
+    groups = TorusTopology(2, 4).column_groups()
+    ops = traced_ops(self.strategy,
+                     lambda: self.seam.all_gather(tf.ones([5, 2]), groups))
+    exchanges = [op for op in ops if op.type == "AllToAll"]
+    self.assertLen(exchanges, 8)
+    for op in exchanges:
+      self.assertAllEqual(tf.get_static_value(op.inputs[1]), groups)
+      self.assertEqual(op.get_attr("split_count"), 4)
+      self.assertEqual(op.inputs[0].shape, [20, 2])
+      self.assertEqual(op.outputs[0].shape, [20, 2])
+
+  def test_groups_of_one_emit_no_collective(self):
+    groups = TorusTopology(1, 8).row_groups()
+    ops = traced_ops(self.strategy, lambda: (
+        self.seam.all_reduce_sum(tf.ones([3]), groups),
+        self.seam.reduce_scatter_sum(tf.ones([3]), groups),
+        self.seam.all_gather(tf.ones([3]), groups)))
+    self.assertFalse([op for op in ops
+                      if op.type in ("CrossReplicaSum", "AllToAll")])
+
+  def test_bad_groups_fail_while_tracing(self):
+    with self.assertRaisesRegex(TopologyError, "exactly once"):
+      traced_ops(self.strategy, lambda: self.seam.all_reduce_sum(
+          tf.ones([3]), [[0, 1, 2, 3]]))
+
+
+if __name__ == "__main__":
+  tf.test.main()

@@ -247,7 +247,12 @@ class Trainer:
     return max(self.data.num_eval_examples // self.eval_batch_size, 1)
 
   def train(self, with_eval=False):
-    """Trains to `total_steps` from wherever the model dir says; returns last logs."""
+    """Trains to `total_steps` from wherever the model dir says.
+
+    Returns:
+      The Keras history of this call: each metric's value per loop ({} if the model
+      dir already holds a finished run).
+    """
     start_step = self.restore()
     if start_step >= self.total_steps:
       logging.info("Already trained to step %d; nothing to do.", start_step)
@@ -273,7 +278,7 @@ class Trainer:
         self._train_input(start_step), initial_epoch=start_step // self.log_every_steps,
         epochs=num_loops, steps_per_epoch=self.log_every_steps,
         callbacks=[loop_callback], verbose=0, **fit_kwargs)
-    return {k: v[-1] for k, v in history.history.items()}
+    return history.history
 
   def evaluate(self):
     """Top-1/top-5 and loss of the current weights on the evaluation set."""

@@ -1,0 +1,149 @@
+"""The trainer on 8 logical CPU replicas: it learns, resumes exactly, sums once."""
+
+import os
+import shutil
+import tempfile
+
+from tests import logical_devices
+
+logical_devices.configure_logical_cpus()
+
+import numpy as np  # pylint: disable=g-import-not-at-top
+import tensorflow as tf
+import tf_keras
+
+import allreduce
+from resnet import group_batch_norm
+from resnet import resnet_model
+from training import trainer as trainer_lib
+
+_IMAGE_SIZE = 16
+_NUM_CLASSES = 4
+_GLOBAL_BATCH = 16
+_NUM_EXAMPLES = 64
+
+
+def _toy_images():
+  """Learnable tiny images: each class brightens a different quadrant."""
+  rng = np.random.default_rng(0)
+  labels = np.arange(_NUM_EXAMPLES) % _NUM_CLASSES
+  images = rng.normal(0.0, 0.3, (_NUM_EXAMPLES, _IMAGE_SIZE, _IMAGE_SIZE, 3))
+  half = _IMAGE_SIZE // 2
+  for i, label in enumerate(labels):
+    y, x = divmod(int(label), 2)
+    images[i, y * half:(y + 1) * half, x * half:(x + 1) * half] += 1.5
+  return images.astype(np.float32), labels.astype(np.int32)
+
+
+def _toy_data_source():
+  images, labels = _toy_images()
+
+  def make_train_dataset(input_context, start_step):
+    per_replica = input_context.get_per_replica_batch_size(_GLOBAL_BATCH)
+    examples_done = start_step * _GLOBAL_BATCH // input_context.num_input_pipelines
+    return (tf.data.Dataset.from_tensor_slices((images, labels)).repeat()
+            .skip(examples_done).batch(per_replica, drop_remainder=True))
+
+  def make_eval_dataset(input_context):
+    per_replica = input_context.get_per_replica_batch_size(_GLOBAL_BATCH)
+    return tf.data.Dataset.from_tensor_slices((images, labels)).batch(
+        per_replica, drop_remainder=True)
+
+  return trainer_lib.DataSource(make_train_dataset, make_eval_dataset,
+                                _NUM_EXAMPLES, _NUM_EXAMPLES)
+
+
+def _build_trainer(strategy, model_dir, *, total_steps, aggregator="torus",
+                   bn_group_size=2, seed=1):
+  grid = allreduce.TorusTopology(2, 4)
+  tf_keras.utils.set_random_seed(seed)
+  norm_layer = group_batch_norm.make_batch_norm_factory(bn_group_size, topology=grid)
+  if aggregator == "torus":
+    aggregator = allreduce.make_torus_aggregator(grid, seam=strategy,
+                                                 timeout_seconds=120)
+
+  def build_backbone():
+    return resnet_model.build_resnet_for_depth(
+        10, num_classes=_NUM_CLASSES, image_size=_IMAGE_SIZE, width=8,
+        norm_layer=norm_layer)
+
+  return trainer_lib.Trainer(
+      strategy=strategy, model_dir=model_dir, build_backbone=build_backbone,
+      data=_toy_data_source(), total_steps=total_steps,
+      global_batch_size=_GLOBAL_BATCH, eval_batch_size=_GLOBAL_BATCH,
+      num_classes=_NUM_CLASSES, learning_rate=0.05, momentum=0.9,
+      weight_decay=1e-4, gradient_aggregator=aggregator, log_every_steps=2,
+      checkpoint_every_steps=2)
+
+
+def _weights(trainer):
+  return [v.numpy() for v in trainer.model.backbone.weights]
+
+
+class TrainerTest(tf.test.TestCase):
+  """Each trainer costs a trace of an 8-replica step, so the runs that several tests
+  compare are made once: an uninterrupted torus run, the same with the strategy's
+  all-reduce, and a run interrupted after 4 of 6 steps and resumed."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    strategy = logical_devices.cpu_mirrored_strategy(8)
+    cls.root = tempfile.mkdtemp()
+    cls.torus = _build_trainer(strategy, os.path.join(cls.root, "torus"),
+                               total_steps=6)
+    cls.initial_weights = _weights(cls.torus)
+    cls.torus_history = cls.torus.train()
+    cls.builtin = _build_trainer(strategy, os.path.join(cls.root, "builtin"),
+                                 total_steps=6, aggregator=None)
+    cls.builtin.train()
+    cls.interrupted_dir = os.path.join(cls.root, "interrupted")
+    cls.first_half = _build_trainer(strategy, cls.interrupted_dir, total_steps=4)
+    cls.first_half.train()
+    # A new process would build everything again; so does this, with another seed so
+    # that only the checkpoint can make the weights agree.
+    cls.resumed = _build_trainer(strategy, cls.interrupted_dir, total_steps=6, seed=99)
+    cls.resumed.train()
+    cls.strategy = strategy
+
+  @classmethod
+  def tearDownClass(cls):
+    shutil.rmtree(cls.root, ignore_errors=True)
+    super().tearDownClass()
+
+  def test_training_lowers_the_loss(self):
+    self.assertEqual(self.torus.step, 6)
+    losses = self.torus_history["loss"]
+    self.assertLen(losses, 3)  # One entry per loop of log_every_steps=2.
+    self.assertLess(losses[-1], 0.8 * losses[0])
+
+  def test_resume_matches_an_uninterrupted_run(self):
+    self.assertEqual(self.first_half.step, 4)
+    self.assertEqual(self.resumed.step, 6)
+    for expected, actual in zip(_weights(self.torus), _weights(self.resumed)):
+      self.assertAllClose(expected, actual, rtol=1e-5, atol=1e-6)
+    state = tf.train.get_checkpoint_state(
+        os.path.join(self.interrupted_dir, "checkpoints"))
+    self.assertEqual(os.path.basename(state.model_checkpoint_path), "ckpt-6")
+
+  def test_finished_run_is_not_trained_again(self):
+    again = _build_trainer(self.strategy, self.interrupted_dir, total_steps=6, seed=5)
+    self.assertEqual(again.train(), {})
+    self.assertEqual(again.step, 6)
+    # Batch-norm moving statistics are per replica (ON_READ): a checkpoint holds their
+    # mean, which reads back to within rounding.
+    for expected, actual in zip(_weights(self.resumed), _weights(again)):
+      self.assertAllClose(expected, actual, rtol=1e-6, atol=1e-7)
+
+  def test_torus_and_strategy_allreduce_reach_the_same_weights(self):
+    for expected, actual in zip(_weights(self.builtin), _weights(self.torus)):
+      self.assertAllClose(expected, actual, rtol=1e-4, atol=1e-5)
+    # Training really moved the weights, so the agreement above is not vacuous (a
+    # doubled sum would have moved them differently).
+    moved = [np.abs(a - b).max()
+             for a, b in zip(self.initial_weights, _weights(self.torus))]
+    self.assertGreater(max(moved), 1e-3)
+
+
+if __name__ == "__main__":
+  tf.test.main()

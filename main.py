@@ -7,6 +7,7 @@ Every flag left unset takes its value from --preset; the full configuration is p
 at start-up and written to <model_dir>/summary.json at the end.
 """
 
+import signal
 import sys
 
 from absl import app
@@ -55,6 +56,8 @@ flags.DEFINE_enum("lr_decay", None, config_lib.LR_DECAYS, "Decay after warm-up."
 flags.DEFINE_float("momentum", None, "Momentum.")
 flags.DEFINE_float("weight_decay", None, "Weight decay (not on batch norm or biases).")
 flags.DEFINE_float("label_smoothing", None, "Label smoothing.")
+flags.DEFINE_float("ema_decay", None, "Decay of a moving average of the weights used "
+                   "for the final evaluation (0 = off).")
 flags.DEFINE_integer("steps_per_execution", None,
                      "Steps per device loop (the TPU 'iterations per loop').")
 flags.DEFINE_integer("log_every_steps", None, "Progress line and summaries cadence.")
@@ -79,9 +82,17 @@ def _config_from_flags():
   return config_lib.build_config(_PRESET.value, **values)
 
 
+def _interrupt_on_sigterm(signum, frame):
+  del signum, frame
+  # Preemption (spot TPUs, schedulers) sends SIGTERM: stop like Ctrl-C, so the trainer
+  # saves a checkpoint at the last finished step.
+  raise KeyboardInterrupt
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
   try:
     config = _config_from_flags()
     run_lib.train_and_evaluate(config)
@@ -89,6 +100,11 @@ def main(argv):
     logging.flush()
     print(f"main.py: error: {e}", file=sys.stderr)
     sys.exit(2)
+  except KeyboardInterrupt:
+    logging.flush()
+    print("main.py: interrupted; the last finished step is checkpointed: run the same "
+          "command again to resume.", file=sys.stderr)
+    sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -128,10 +128,18 @@ def _epoch_key(base_seed, epoch):
   return tf.random.experimental.stateless_fold_in(base_seed, epoch)
 
 
-def _scalar_seed(key, salt):
-  """An int64 seed for tf.data's shuffles, derived from a stateless key."""
-  return tf.random.stateless_uniform([], seed=_epoch_key(key, salt), minval=None,
-                                     maxval=None, dtype=tf.int64)
+def _shuffled_blocks(dataset, block_size, key):
+  """Permutes each run of `block_size` elements with a stateless, tensor-keyed shuffle.
+
+  Used instead of `Dataset.shuffle` because the order must be a function of a
+  per-epoch *tensor* key (so a resumed run can jump to any epoch), and
+  `Dataset.shuffle` cannot take a tensor seed once a global seed of 0 is set
+  (`tf.random.set_seed(0)`: TensorFlow then casts the seed tensor to a Python bool).
+  The next block is read while the current one is consumed.
+  """
+  return (dataset.batch(block_size)
+          .map(lambda block: tf.random.experimental.stateless_shuffle(block, seed=key))
+          .prefetch(1).unbatch())
 
 
 def create_tfrecord_dataset(
@@ -174,7 +182,8 @@ def create_tfrecord_dataset(
     cycle_length, block_length, num_parallel_reads: the parallel interleave: how many
       shards are read at once, records taken from each in turn, reader threads.
     read_buffer_bytes: read buffer per open shard.
-    shuffle_buffer_size: records in the training shuffle buffer.
+    shuffle_buffer_size: records per shuffle block: each run of this many records (as
+      interleaved from the shuffled shards) is permuted, anew every epoch.
     num_parallel_calls: parallelism of parse and decode.
     area_range, aspect_ratio_range, max_crop_attempts: the random crop. Use
       IMAGENET_AREA_RANGE (0.08-1, the default) for ImageNet and DIGITS_AREA_RANGE
@@ -241,10 +250,11 @@ def create_tfrecord_dataset(
     else:
       file_names = all_files
       if is_training and shuffle_files:
-        file_names = file_names.shuffle(len(host.files), seed=_scalar_seed(key, 0))
+        file_names = _shuffled_blocks(file_names, len(host.files),
+                                      _epoch_key(key, 0))
       records = interleave_shards(file_names)
     if is_training:
-      records = records.shuffle(shuffle_buffer_size, seed=_scalar_seed(key, 1))
+      records = _shuffled_blocks(records, shuffle_buffer_size, _epoch_key(key, 1))
     # Each record's augmentation seed: the epoch key folded with its position.
     return records.enumerate().skip(skip_in_epoch).map(
         lambda position, record: (_epoch_key(_epoch_key(key, 2), position), record))

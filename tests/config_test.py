@@ -37,11 +37,10 @@ class BuildConfigTest(tf.test.TestCase, parameterized.TestCase):
     self.assertIsNone(config.train_epochs)
     self.assertEqual(config.steps_for(num_train_examples=10_000), 30)
 
-  def test_epochs_round_up_to_whole_logging_loops(self):
-    config = config_lib.build_config("cpu_demo", train_epochs=1.0, log_every_steps=5,
-                                     checkpoint_every_steps=5, train_batch_size=64)
-    # 1437 examples / 64 = 22.45 -> 23 steps -> 25 (a multiple of 5).
-    self.assertEqual(config.steps_for(num_train_examples=1437), 25)
+  def test_epochs_convert_to_steps_rounding_up(self):
+    config = config_lib.build_config("cpu_demo", train_epochs=2.0, train_batch_size=64)
+    # 2 * 1438 examples / 64 = 44.94 -> 45 steps.
+    self.assertEqual(config.steps_for(num_train_examples=1438), 45)
 
   @parameterized.named_parameters(
       ("unknown_dataset", dict(dataset="cifar"), "dataset", "unknown dataset"),

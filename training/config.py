@@ -63,6 +63,7 @@ class TrainConfig:
   optimizer: str = "sgd"
   base_learning_rate: float = 0.1  # per 256 examples; scaled linearly with the batch
   warmup_epochs: float = 1.0
+  ema_decay: float = 0.0  # 0: no moving average of the weights
   lr_decay: str = "cosine"
   momentum: float = 0.9
   weight_decay: float = 1e-4
@@ -80,12 +81,10 @@ class TrainConfig:
     return self.base_learning_rate * self.train_batch_size / 256.0
 
   def steps_for(self, num_train_examples: int) -> int:
-    """Total training steps: `train_steps`, or epochs converted and rounded up to a
-    whole number of logging loops."""
+    """Total training steps: `train_steps`, or epochs converted (rounded up)."""
     if self.train_steps:
       return self.train_steps
-    steps = math.ceil(self.train_epochs * num_train_examples / self.train_batch_size)
-    return math.ceil(steps / self.log_every_steps) * self.log_every_steps
+    return math.ceil(self.train_epochs * num_train_examples / self.train_batch_size)
 
   def topology(self, num_replicas: int) -> topology.TorusTopology:
     return topology.TorusTopology.for_replicas(num_replicas, self.torus_shape)
@@ -109,6 +108,30 @@ PRESETS = {
         steps_per_execution=100, log_every_steps=100, checkpoint_every_steps=1000,
         eval_every_steps=5000, bn_group_size=1, cache_dataset=False),
 }
+
+# The paper's pod runs (Ying et al., 2018) on ImageNet TFRecords in --data_dir with
+# --tpu: 1024 TPU v3 chips = 2048 replicas. LARS with the reference trainers' peak rate
+# and warm-up for each global batch, polynomial (power 2) decay, label smoothing 0.1,
+# no decay on batch norm or biases, bfloat16. The batch-norm group is chosen so that
+# each group sees 32 examples (our rule, not a figure from the paper): 2 replicas of
+# 16 at 32k, 1 replica of 32 at 64k.
+_PAPER_COMMON = dict(
+    dataset="imagenet", image_size=224, num_classes=1000, resnet_depth=50,
+    # The reference evaluates with batch 1024, which does not divide over 2048 replicas.
+    eval_batch_size=4096, optimizer="lars", lr_decay="polynomial", momentum=0.9,
+    weight_decay=1e-4, label_smoothing=0.1, precision="mixed_bfloat16",
+    steps_per_execution=100, log_every_steps=100, checkpoint_every_steps=500,
+    eval_every_steps=500, allreduce="torus")
+PRESETS["paper_32k"] = dict(
+    _PAPER_COMMON, model_dir="runs/paper_32k", train_batch_size=32768,
+    # 3558 steps (about 91 epochs); peak 34.0 after 12 epochs of warm-up.
+    train_steps=3558, train_epochs=None, base_learning_rate=34.0 * 256 / 32768,
+    warmup_epochs=12.0, bn_group_size=2)
+PRESETS["paper_64k"] = dict(
+    _PAPER_COMMON, model_dir="runs/paper_64k", train_batch_size=65536,
+    # 90 epochs; peak 41.0 after 16 epochs of warm-up.
+    train_epochs=90.0, base_learning_rate=41.0 * 256 / 65536, warmup_epochs=16.0,
+    bn_group_size=1)
 
 
 def build_config(preset: str = "cpu_demo", **overrides) -> TrainConfig:
@@ -175,9 +198,6 @@ def check(config: TrainConfig):
            f"{sorted(resnet_model.RESNET_SPECS)}")
   if config.train_steps is not None:
     _check_positive(config, "train_steps")
-    _require(config.train_steps % config.steps_per_execution == 0, "train_steps",
-             f"{config.train_steps} is not a multiple of --steps_per_execution="
-             f"{config.steps_per_execution}")
   else:
     _check_positive(config, "train_epochs")
   _require(config.log_every_steps % config.steps_per_execution == 0,
@@ -195,6 +215,8 @@ def check(config: TrainConfig):
            f"must be in [0, 1), got {config.label_smoothing}")
   _require(config.weight_decay >= 0, "weight_decay",
            f"must not be negative, got {config.weight_decay}")
+  _require(0.0 <= config.ema_decay < 1.0, "ema_decay",
+           f"must be in [0, 1) (0 turns the average off), got {config.ema_decay}")
   _require(config.warmup_epochs >= 0, "warmup_epochs",
            f"must not be negative, got {config.warmup_epochs}")
   _require(config.tpu is not None or config.num_cpu_devices >= 1, "num_cpu_devices",

@@ -57,7 +57,8 @@ def build_trainer(config, strategy, data=None) -> trainer_lib.Trainer:
       eval_batch_size=config.eval_batch_size, num_classes=config.num_classes,
       learning_rate=learning_rate, optimizer_name=config.optimizer,
       momentum=config.momentum, weight_decay=config.weight_decay,
-      label_smoothing=config.label_smoothing, gradient_aggregator=aggregator,
+      label_smoothing=config.label_smoothing, ema_decay=config.ema_decay,
+      gradient_aggregator=aggregator,
       precision=config.precision, steps_per_execution=config.steps_per_execution,
       log_every_steps=config.log_every_steps,
       checkpoint_every_steps=config.checkpoint_every_steps,
@@ -69,9 +70,9 @@ def train_and_evaluate(config):
   strategy = strategy_lib.create_strategy(tpu=config.tpu,
                                           num_cpu_devices=config.num_cpu_devices)
   trainer = build_trainer(config, strategy)
-  results = {}
+  results, loops = {}, []
   if config.mode in ("train", "train_and_eval"):
-    trainer.train(with_eval=config.mode == "train_and_eval")
+    loops = trainer.train(with_eval=config.mode == "train_and_eval")
   if config.mode in ("eval", "train_and_eval"):
     if config.mode == "eval" and not trainer.restore():
       raise config_lib.ConfigError(
@@ -80,5 +81,5 @@ def train_and_evaluate(config):
     results = trainer.evaluate()
     print(f"Final evaluation at step {trainer.step}: top-1 accuracy "
           f"{results['top1']:.4f}, top-5 {results['top5']:.4f}")
-  trainer.write_summary(results, dataclasses.asdict(config))
+  trainer.write_summary(results, loops, dataclasses.asdict(config))
   return results

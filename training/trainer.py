@@ -38,6 +38,39 @@ class DataSource:
   input_options: Optional[tf.distribute.InputOptions] = None
 
 
+class WeightAverage(tf.Module):
+  """An exponential moving average of variables, for evaluation.
+
+  The decay ramps up as min(decay, (1 + t) / (10 + t)) so early averages are not
+  dominated by the random initialisation. Every replica holds the same weights, so the
+  first replica's update is the one kept.
+  """
+
+  def __init__(self, variables, decay):
+    super().__init__(name="weight_average")
+    self.decay = decay
+    self.variables_to_average = list(variables)
+    self.num_updates = tf.Variable(0, trainable=False, dtype=tf.int64,
+                                   aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+    self.averages = [
+        tf.Variable(v.read_value(), trainable=False, name=v.name.split(":")[0] + "_ema",
+                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        for v in self.variables_to_average]
+
+  def update(self):
+    t = tf.cast(self.num_updates.assign_add(1), tf.float32)
+    decay = tf.minimum(self.decay, (1.0 + t) / (10.0 + t))
+    for average, variable in zip(self.averages, self.variables_to_average):
+      average.assign(decay * average + (1.0 - decay) * tf.cast(variable, average.dtype))
+
+  def swap(self):
+    """Exchanges the live weights and their averages (call twice to undo)."""
+    for average, variable in zip(self.averages, self.variables_to_average):
+      live = tf.identity(variable.read_value())
+      variable.assign(average.read_value())
+      average.assign(live)
+
+
 class ImageClassifier(tf_keras.Model):
   """A backbone plus the train step: loss, gradients, one explicit aggregation.
 
@@ -47,9 +80,11 @@ class ImageClassifier(tf_keras.Model):
   """
 
   def __init__(self, backbone, *, global_batch_size, num_classes, label_smoothing=0.0,
-               l2_weight_decay=0.0, **kwargs):
+               l2_weight_decay=0.0, ema_decay=0.0, **kwargs):
     super().__init__(**kwargs)
     self.backbone = backbone
+    self.weight_average = (WeightAverage(backbone.trainable_variables, ema_decay)
+                           if ema_decay else None)
     self.global_batch_size = global_batch_size
     self.num_classes = num_classes
     self.label_smoothing = label_smoothing
@@ -98,6 +133,8 @@ class ImageClassifier(tf_keras.Model):
       gradients = self.optimizer.get_unscaled_gradients(gradients)
     # The optimizer's gradient_aggregator sums over replicas (torus or strategy).
     self.optimizer.apply_gradients(zip(gradients, variables))
+    if self.weight_average is not None:
+      self.weight_average.update()
     return self._update_metrics(labels, logits, per_example_loss)
 
   def test_step(self, data):
@@ -106,8 +143,23 @@ class ImageClassifier(tf_keras.Model):
     return self._update_metrics(labels, logits, self.per_example_loss(labels, logits))
 
 
+def average_replica_statistics(model):
+  """Sets every replica's batch-norm moving statistics to their mean over replicas.
+
+  With grouped batch norm each group keeps its own moving statistics (they are per
+  replica, ON_READ variables). Evaluating with them would make a result depend on which
+  replica saw which batch, and would differ from a run restored from a checkpoint
+  (which stores the mean). Moving averages are linear, so replacing each with the mean
+  of all changes nothing in expectation for training that follows.
+  """
+  for variable in model.non_trainable_variables:
+    if (variable.synchronization == tf.VariableSynchronization.ON_READ
+        and variable.aggregation == tf.VariableAggregation.MEAN):
+      variable.assign(variable.read_value())
+
+
 class _LoopCallback(tf_keras.callbacks.Callback):
-  """Per loop: progress line, TensorBoard scalars, checkpoint, stop at the last step."""
+  """Per loop: progress line, TensorBoard scalars, checkpoint; records evaluations."""
 
   def __init__(self, *, total_steps, global_batch_size, checkpoint_manager,
                checkpoint_every_steps, learning_rate, summary_writer):
@@ -118,17 +170,17 @@ class _LoopCallback(tf_keras.callbacks.Callback):
     self.checkpoint_every_steps = checkpoint_every_steps
     self.learning_rate = learning_rate
     self.summary_writer = summary_writer
+    self.loops = []  # per loop: {"step", "loss", "top1", ..., "val_top1" if evaluated}
 
   def _step(self):
     return int(self.model.optimizer.iterations.numpy())
 
+  def on_test_begin(self, logs=None):
+    average_replica_statistics(self.model)
+
   def on_epoch_begin(self, epoch, logs=None):
     self._loop_start_time = time.time()
     self._loop_start_step = self._step()
-
-  def on_train_batch_end(self, batch, logs=None):
-    if self._step() >= self.total_steps:
-      self.model.stop_training = True
 
   def on_epoch_end(self, epoch, logs=None):
     logs = logs or {}
@@ -153,6 +205,7 @@ class _LoopCallback(tf_keras.callbacks.Callback):
       tf.summary.scalar("train/learning_rate", learning_rate)
       tf.summary.scalar("train/images_per_second", images_per_second)
     self.summary_writer.flush()
+    self.loops.append(dict({k: float(v) for k, v in logs.items()}, step=step))
     if step % self.checkpoint_every_steps == 0 or step >= self.total_steps:
       self.checkpoint_manager.save(checkpoint_number=step)
 
@@ -168,6 +221,8 @@ class Trainer:
     total_steps, global_batch_size, eval_batch_size: run shape (batches are global).
     learning_rate: a float or a schedule of the step.
     optimizer_name, momentum, weight_decay, label_smoothing: the recipe.
+    ema_decay: keep a moving average of the weights and evaluate with it (0: off).
+      Evaluations during training use the live weights; `evaluate` the average.
     gradient_aggregator: sums gradients over replicas inside the optimizer; None keeps
       the strategy's own all-reduce.
     precision: "float32", "mixed_bfloat16" or "mixed_float16".
@@ -178,7 +233,8 @@ class Trainer:
   def __init__(self, *, strategy, model_dir, build_backbone, data: DataSource,
                total_steps, global_batch_size, eval_batch_size, num_classes,
                learning_rate, optimizer_name="sgd", momentum=0.9, weight_decay=0.0,
-               label_smoothing=0.0, gradient_aggregator=None, precision="float32",
+               label_smoothing=0.0, ema_decay=0.0, gradient_aggregator=None,
+               precision="float32",
                steps_per_execution=1, log_every_steps=10, checkpoint_every_steps=100,
                eval_every_steps=None):
     self.strategy = strategy
@@ -200,7 +256,7 @@ class Trainer:
       l2 = weight_decay if optimizer_name == "sgd" else 0.0
       self.model = ImageClassifier(
           backbone, global_batch_size=global_batch_size, num_classes=num_classes,
-          label_smoothing=label_smoothing, l2_weight_decay=l2)
+          label_smoothing=label_smoothing, l2_weight_decay=l2, ema_decay=ema_decay)
       optimizer = optimizer_lib.build_optimizer(
           optimizer_name, learning_rate, momentum=momentum, weight_decay=weight_decay,
           gradient_aggregator=gradient_aggregator)
@@ -246,17 +302,45 @@ class Trainer:
     # The eval pipeline drops the last partial batch; see README ("Evaluation").
     return max(self.data.num_eval_examples // self.eval_batch_size, 1)
 
+  def _loop_segments(self, start_step):
+    """Splits start_step..total_steps into `fit` calls of equal loops.
+
+    Keras needs one loop length per `fit` call. Loops end on multiples of
+    `log_every_steps` (so logs, checkpoints and evaluations land on round steps): a run
+    resumed off that grid first runs a short loop up to it, and a total that is not a
+    multiple of it ends with a short loop.
+
+    Returns:
+      [(steps per loop, number of loops), ...].
+    """
+    segments, step, loop = [], start_step, self.log_every_steps
+    head = min(-step % loop, self.total_steps - step)
+    if head:
+      segments.append((head, 1))
+      step += head
+    if (self.total_steps - step) // loop:
+      segments.append((loop, (self.total_steps - step) // loop))
+      step += segments[-1][1] * loop
+    if self.total_steps > step:
+      segments.append((self.total_steps - step, 1))
+    return segments
+
   def train(self, with_eval=False):
     """Trains to `total_steps` from wherever the model dir says.
 
+    An interruption (Ctrl-C, or SIGTERM, which main.py turns into one) saves a
+    checkpoint at the last finished step before it propagates, so a preempted run
+    loses nothing and resumes exactly.
+
     Returns:
-      The Keras history of this call: each metric's value per loop ({} if the model
+      One dict per loop run by this call: "step", the loop's mean "loss", "top1",
+      "top5", and "val_top1" etc. where it ended with an evaluation ([] if the model
       dir already holds a finished run).
     """
     start_step = self.restore()
     if start_step >= self.total_steps:
       logging.info("Already trained to step %d; nothing to do.", start_step)
-      return {}
+      return []
     summary_dir = os.path.join(self.model_dir, "summaries", "train")
     writer = (tf.summary.create_file_writer(summary_dir) if self.is_chief
               else tf.summary.create_noop_writer())
@@ -265,28 +349,48 @@ class Trainer:
         checkpoint_manager=self.checkpoint_manager,
         checkpoint_every_steps=self.checkpoint_every_steps,
         learning_rate=self.learning_rate, summary_writer=writer)
-    num_loops = -(-self.total_steps // self.log_every_steps)
-    fit_kwargs = {}
-    if with_eval and self.eval_every_steps:
-      fit_kwargs = dict(validation_data=self._eval_input(),
-                        validation_steps=self.eval_steps,
-                        validation_freq=self.eval_every_steps // self.log_every_steps)
     logging.info("Training from step %d to %d: %d images per step over %d replicas.",
                  start_step, self.total_steps, self.global_batch_size,
                  self.strategy.num_replicas_in_sync)
-    history = self.model.fit(
-        self._train_input(start_step), initial_epoch=start_step // self.log_every_steps,
-        epochs=num_loops, steps_per_epoch=self.log_every_steps,
-        callbacks=[loop_callback], verbose=0, **fit_kwargs)
-    return history.history
+    try:
+      for steps_per_loop, num_loops in self._loop_segments(start_step):
+        fit_kwargs = {}
+        first_step = self.step
+        # Evaluate on multiples of eval_every_steps, but not at the last step: the
+        # final evaluation follows training.
+        loop_ends = [first_step + i * steps_per_loop for i in range(1, num_loops + 1)]
+        eval_loops = [i + 1 for i, end in enumerate(loop_ends)
+                      if with_eval and self.eval_every_steps and end < self.total_steps
+                      and end % self.eval_every_steps == 0]
+        if eval_loops:
+          fit_kwargs = dict(validation_data=self._eval_input(),
+                            validation_steps=self.eval_steps, validation_freq=eval_loops)
+        self.model.fit(self._train_input(first_step), epochs=num_loops,
+                       steps_per_epoch=steps_per_loop, callbacks=[loop_callback],
+                       verbose=0, **fit_kwargs)
+    except KeyboardInterrupt:
+      logging.warning("Interrupted at step %d: saving a checkpoint to resume from.",
+                      self.step)
+      self.checkpoint_manager.save(checkpoint_number=self.step)
+      raise
+    return loop_callback.loops
 
   def evaluate(self):
-    """Top-1/top-5 and loss of the current weights on the evaluation set."""
-    results = self.model.evaluate(self._eval_input(), steps=self.eval_steps,
-                                  verbose=0, return_dict=True)
+    """Top-1/top-5 and loss on the evaluation set, with the weight average if kept."""
+    average_replica_statistics(self.model)
+    average = self.model.weight_average
+    if average is not None:
+      average.swap()
+    try:
+      results = self.model.evaluate(self._eval_input(), steps=self.eval_steps,
+                                    verbose=0, return_dict=True)
+    finally:
+      if average is not None:
+        average.swap()
     results = {k: float(v) for k, v in results.items()}
-    logging.info("eval at step %d: top1 %.4f  top5 %.4f  loss %.4f  (%d images)",
-                 self.step, results["top1"], results["top5"], results["loss"],
+    logging.info("eval at step %d%s: top1 %.4f  top5 %.4f  loss %.4f  (%d images)",
+                 self.step, " (weight average)" if average is not None else "",
+                 results["top1"], results["top5"], results["loss"],
                  self.eval_steps * self.eval_batch_size)
     if self.is_chief:
       writer = tf.summary.create_file_writer(
@@ -297,11 +401,30 @@ class Trainer:
       writer.close()
     return results
 
-  def write_summary(self, results, config_dict=None):
-    """Writes the final results (and the run's configuration) as JSON."""
+  def write_summary(self, final_results, loops=(), config_dict=None):
+    """Writes <model_dir>/summary.json: final and best top-1, every evaluation, config.
+
+    `loops` are `train`'s per-loop records; their evaluations and the final one are
+    the candidates for best.
+    """
     if not self.is_chief:
       return
+    evaluations = [{"step": loop["step"], "top1": loop["val_top1"]}
+                   for loop in loops if "val_top1" in loop]
+    if final_results:
+      evaluations.append({"step": self.step, "top1": final_results["top1"]})
+    best = max(evaluations, key=lambda e: e["top1"]) if evaluations else None
+    summary = {
+        "step": self.step,
+        "final": final_results,
+        "best_top1": best["top1"] if best else None,
+        "best_step": best["step"] if best else None,
+        "evaluations": evaluations,
+        "config": config_dict,
+    }
+    logging.info("final top1 %s, best top1 %s at step %s",
+                 final_results.get("top1") if final_results else None,
+                 summary["best_top1"], summary["best_step"])
     path = os.path.join(self.model_dir, "summary.json")
     with tf.io.gfile.GFile(path, "w") as f:
-      json.dump({"step": self.step, "eval": results, "config": config_dict}, f,
-                indent=2, default=str)
+      json.dump(summary, f, indent=2, default=str)

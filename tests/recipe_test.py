@@ -1,0 +1,144 @@
+"""The large-batch recipe: schedule, weight decay exclusions, label smoothing, LARS on
+the torus, the weight average, and the paper presets."""
+
+import math
+
+from tests import logical_devices
+
+logical_devices.configure_logical_cpus()
+
+import numpy as np  # pylint: disable=g-import-not-at-top
+import tensorflow as tf
+import tf_keras
+from absl.testing import parameterized
+
+import allreduce
+from training import config as config_lib
+from training import optimizer as optimizer_lib
+from training import trainer as trainer_lib
+
+
+def _tiny_classifier(**kwargs):
+  inputs = tf_keras.Input((4,))
+  hidden = tf_keras.layers.Dense(8, name="hidden")(inputs)
+  hidden = tf_keras.layers.BatchNormalization(name="hidden_bn")(hidden)
+  logits = tf_keras.layers.Dense(3, name="logits")(tf_keras.layers.ReLU()(hidden))
+  return trainer_lib.ImageClassifier(tf_keras.Model(inputs, logits), **kwargs)
+
+
+class ScheduleTest(tf.test.TestCase, parameterized.TestCase):
+
+  @parameterized.parameters("polynomial", "cosine")
+  def test_warmup_is_linear_to_the_peak(self, decay):
+    schedule = optimizer_lib.WarmupThenDecay(2.0, warmup_steps=10, total_steps=110,
+                                             decay=decay)
+    for step in (0, 1, 5, 9):
+      self.assertAllClose(schedule(step), 2.0 * step / 10)
+    self.assertAllClose(schedule(10), 2.0)
+    self.assertAllClose(schedule(110), 0.0)
+    self.assertAllClose(schedule(500), 0.0)  # Stays at zero past the end.
+
+  def test_polynomial_decay_matches_the_formula(self):
+    schedule = optimizer_lib.WarmupThenDecay(34.0, warmup_steps=500, total_steps=3558,
+                                             decay="polynomial", power=2.0)
+    for step in (500, 1000, 2000, 3000, 3557):
+      expected = 34.0 * (1 - (step - 500) / (3558 - 500)) ** 2
+      self.assertAllClose(schedule(step), expected, rtol=1e-5)
+
+  def test_cosine_decay_matches_the_formula(self):
+    schedule = optimizer_lib.WarmupThenDecay(1.0, warmup_steps=0, total_steps=100,
+                                             decay="cosine")
+    for step in (0, 25, 50, 75):
+      self.assertAllClose(schedule(step), 0.5 * (1 + math.cos(math.pi * step / 100)),
+                          atol=1e-6)
+
+
+class WeightDecayTest(tf.test.TestCase):
+
+  def test_only_kernels_are_decayed(self):
+    model = _tiny_classifier(global_batch_size=2, num_classes=3)
+    decayed = sorted(v.name for v in model.trainable_variables
+                     if optimizer_lib.is_decayed(v))
+    self.assertEqual(decayed, ["hidden/kernel:0", "logits/kernel:0"])
+    penalty = optimizer_lib.l2_penalty(model.trainable_variables, 1e-2)
+    kernels = [v.numpy() for v in model.trainable_variables if "kernel" in v.name]
+    self.assertAllClose(penalty, 1e-2 * sum((k**2).sum() / 2 for k in kernels))
+
+  def test_lars_decays_kernels_but_not_excluded_variables(self):
+    model = _tiny_classifier(global_batch_size=2, num_classes=3)
+    lars = optimizer_lib.build_optimizer("lars", 1.0, momentum=0.0, weight_decay=0.1)
+    for variable in model.trainable_variables:
+      variable.assign(tf.ones_like(variable))
+    # Zero gradients: any change is weight decay alone.
+    lars.apply_gradients([(tf.zeros_like(v), v) for v in model.trainable_variables])
+    for variable in model.trainable_variables:
+      changed = not np.allclose(variable.numpy(), 1.0)
+      self.assertEqual(changed, optimizer_lib.is_decayed(variable), variable.name)
+
+
+class LabelSmoothingTest(tf.test.TestCase):
+
+  def test_loss_matches_numpy(self):
+    model = _tiny_classifier(global_batch_size=2, num_classes=3, label_smoothing=0.1)
+    logits = np.array([[2.0, -1.0, 0.5], [0.0, 0.0, 3.0]], np.float32)
+    labels = np.array([0, 1])
+    log_softmax = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    targets = np.full((2, 3), 0.1 / 3)
+    targets[np.arange(2), labels] += 0.9
+    expected = -(targets * log_softmax).sum(-1)
+    self.assertAllClose(model.per_example_loss(labels, logits), expected)
+    plain = _tiny_classifier(global_batch_size=2, num_classes=3)
+    self.assertAllClose(plain.per_example_loss(labels, logits),
+                        -log_softmax[np.arange(2), labels])
+
+
+class LarsOnTheTorusTest(tf.test.TestCase):
+
+  def test_lars_with_the_torus_aggregator_trains(self):
+    strategy = logical_devices.cpu_mirrored_strategy(8)
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(256, 4)).astype(np.float32)
+    labels = (features[:, 0] > 0).astype(np.int32) + (features[:, 1] > 0)
+    with strategy.scope():
+      model = _tiny_classifier(global_batch_size=64, num_classes=3,
+                               ema_decay=0.9)
+      model.compile(optimizer=optimizer_lib.build_optimizer(
+          "lars", 2.0, momentum=0.9, weight_decay=1e-4,
+          gradient_aggregator=allreduce.make_torus_aggregator(
+              (2, 4), seam=strategy, timeout_seconds=120)))
+    dataset = tf.data.Dataset.from_tensor_slices((features, labels)).repeat().batch(64)
+    history = model.fit(dataset, epochs=4, steps_per_epoch=8, verbose=0)
+    self.assertLess(history.history["loss"][-1], 0.75 * history.history["loss"][0])
+    # The weight average moved off the initial weights and trails the live ones.
+    average = model.weight_average
+    self.assertEqual(int(average.num_updates.numpy()), 32)
+    live = model.backbone.trainable_variables[0].numpy()
+    averaged = average.averages[0].numpy()
+    self.assertFalse(np.allclose(live, averaged))
+    average.swap()
+    self.assertAllClose(model.backbone.trainable_variables[0].numpy(), averaged)
+    average.swap()
+    self.assertAllClose(model.backbone.trainable_variables[0].numpy(), live)
+
+
+class PaperPresetTest(tf.test.TestCase):
+
+  def test_paper_32k_matches_the_reference_recipe(self):
+    config = config_lib.build_config("paper_32k", data_dir=self.get_temp_dir())
+    self.assertEqual(config.train_batch_size, 32768)
+    self.assertEqual(config.steps_for(1_281_167), 3558)
+    self.assertAlmostEqual(config.learning_rate, 34.0)
+    self.assertEqual((config.optimizer, config.label_smoothing, config.precision),
+                     ("lars", 0.1, "mixed_bfloat16"))
+    # 2048 replicas (1024 TPU v3 chips) on the most square grid, groups of 2.
+    config_lib.check_against_replicas(config, 2048)
+    self.assertEqual(config.topology(2048).shape, (32, 64))
+
+  def test_paper_64k(self):
+    config = config_lib.build_config("paper_64k", data_dir=self.get_temp_dir())
+    self.assertAlmostEqual(config.learning_rate, 41.0)
+    self.assertEqual(config.steps_for(1_281_167), math.ceil(90 * 1_281_167 / 65536))
+
+
+if __name__ == "__main__":
+  tf.test.main()

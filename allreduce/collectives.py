@@ -9,6 +9,11 @@ raw collective ops, so the same model code runs on two back ends:
   `CollectiveAllToAllV2`, `CollectiveGatherV2`) for CPU, GPU and multi-worker
   strategies, with one group key per group of replicas.
 
+Every collective op a seam issues can be recorded, at trace time, into a
+`CollectiveLog` (`with record_collectives() as log:`): what it is, which replica issued
+it, over which group, on what payload. Tests compare those records with the cost model
+(`allreduce/cost_model.py`); when nothing records, the seams pay one list check.
+
 Every method runs in *replica context* (inside `strategy.run`, a Keras `train_step`
 or an optimizer's `apply_gradients`) and takes a `group_assignment`: a list of lists of
 global replica ids that partitions all replicas, the TPU convention that
@@ -17,9 +22,11 @@ group's list; reduce-scatter shards and all-gather pieces follow that order on b
 ends.
 """
 
+import contextlib
+import dataclasses
 import hashlib
 import threading
-from typing import Dict, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
@@ -29,6 +36,118 @@ from allreduce.topology import GroupAssignment, TopologyError
 # per strategy), so grouped collectives never join a strategy's own all-reduce.
 _GROUP_KEY_BASE = 1 << 24
 _GROUP_KEY_SPAN = 1 << 28
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectiveRecord:
+  """One collective op as a seam issued it, seen from the replica that issued it.
+
+  Attributes:
+    kind: what the op does for the caller: "all_reduce", "all_to_all" (the exchange
+      of a reduce-scatter) or "all_gather".
+    op: the raw TensorFlow op issued (e.g. "CollectiveAllToAllV2", "AllToAll").
+    replica_id: the issuing replica, or None where it is unknown at trace time (TPU:
+      one trace serves every replica).
+    group: the replica ids of the issuing replica's group, in the caller's order
+      (on TPU without a replica id: the first group; all have the same size).
+    shape: static shape of the payload, the tensor the caller asked to reduce,
+      exchange or gather (for "all_to_all" the whole buffer, before it is cut into
+      chunks); None for an unknown rank, None entries for unknown dimensions, and
+      then the sizes below are None too.
+    dtype: the payload's dtype name.
+    element_bytes: bytes per payload element.
+  """
+  kind: str
+  op: str
+  replica_id: Optional[int]
+  group: Tuple[int, ...]
+  shape: Optional[Tuple[Optional[int], ...]]
+  dtype: str
+  element_bytes: int
+
+  @property
+  def group_size(self) -> int:
+    return len(self.group)
+
+  @property
+  def num_elements(self) -> Optional[int]:
+    if self.shape is None or None in self.shape:
+      return None
+    count = 1
+    for dim in self.shape:
+      count *= dim
+    return count
+
+  @property
+  def payload_bytes(self) -> Optional[int]:
+    n = self.num_elements
+    return None if n is None else n * self.element_bytes
+
+  @property
+  def bytes_sent(self) -> Optional[int]:
+    """Bytes this replica must send for the op, whatever the schedule:
+
+    * all_to_all: its g - 1 chunks of n / g that belong to the other members;
+    * all_gather: its piece to each of the g - 1 others (a ring forwards g - 1 pieces);
+    * all_reduce: 2 (g - 1) chunks of ceil(n / g), the ring algorithm's
+      reduce-scatter and all-gather halves (TensorFlow's RING implementation and the
+      TPU interconnect's schedule); the one figure that depends on the algorithm.
+    """
+    g, n, b = self.group_size, self.num_elements, self.element_bytes
+    if n is None:
+      return None
+    if self.kind == "all_to_all":
+      return (g - 1) * (n // g) * b
+    if self.kind == "all_gather":
+      return (g - 1) * n * b
+    return 2 * (g - 1) * (-(-n // g)) * b
+
+
+class CollectiveLog:
+  """The collectives issued while it records, in issue order (all replicas mixed).
+
+  Records are taken at trace time, when the seam builds the op: a traced function
+  that is never run is counted as well, and a function run many times is counted
+  once per trace.
+  """
+
+  def __init__(self):
+    self.records: List[CollectiveRecord] = []
+
+  def for_replica(self, replica_id: Optional[int]) -> List[CollectiveRecord]:
+    return [r for r in self.records if r.replica_id == replica_id]
+
+
+_LOGS_LOCK = threading.Lock()
+# Logs that record now. Process-wide, not thread-local: MirroredStrategy traces each
+# replica's function in a thread of its own.
+_ACTIVE_LOGS: List[CollectiveLog] = []
+
+
+@contextlib.contextmanager
+def record_collectives(log: Optional[CollectiveLog] = None):
+  """Records every collective op any seam builds inside the block into `log`."""
+  log = log if log is not None else CollectiveLog()
+  with _LOGS_LOCK:
+    _ACTIVE_LOGS.append(log)
+  try:
+    yield log
+  finally:
+    with _LOGS_LOCK:
+      _ACTIVE_LOGS.remove(log)
+
+
+def _record(kind, op, replica_id, group, value):
+  """Adds one issued op to the active logs (callers check `_ACTIVE_LOGS` first)."""
+  value = tf.convert_to_tensor(value)
+  record = CollectiveRecord(
+      kind=kind, op=op, replica_id=replica_id, group=tuple(int(r) for r in group),
+      shape=None if value.shape.rank is None else tuple(value.shape.as_list()),
+      dtype=value.dtype.name,
+      element_bytes=value.dtype.size)
+  with _LOGS_LOCK:
+    for log in _ACTIVE_LOGS:
+      log.records.append(record)
 
 
 def check_group_assignment(group_assignment: GroupAssignment,
@@ -132,10 +251,20 @@ class TpuCollectiveSeam(CollectiveSeam):
     return check_group_assignment(group_assignment,
                                   _replica_context().num_replicas_in_sync)
 
+  @staticmethod
+  def _record(kind, op, groups, value):
+    replica_id = tf.get_static_value(_replica_context().replica_id_in_sync_group)
+    if replica_id is None:
+      _record(kind, op, None, groups[0], value)
+    else:
+      _record(kind, op, int(replica_id), group_of(groups, int(replica_id)), value)
+
   def all_reduce_sum(self, value, group_assignment):
     groups = self._groups(group_assignment)
     if len(groups[0]) == 1:
       return tf.identity(value)
+    if _ACTIVE_LOGS:
+      self._record("all_reduce", "CrossReplicaSum", groups, value)
     return tf.raw_ops.CrossReplicaSum(
         input=value, group_assignment=tf.constant(groups, tf.int32))
 
@@ -145,6 +274,8 @@ class TpuCollectiveSeam(CollectiveSeam):
     chunks = split_for_group(value, group_size)
     if group_size == 1:
       return tf.reshape(chunks, [-1])
+    if _ACTIVE_LOGS:
+      self._record("all_to_all", "AllToAll", groups, value)
     received = tf.raw_ops.AllToAll(
         input=chunks, group_assignment=tf.constant(groups, tf.int32),
         concat_dimension=0, split_dimension=0, split_count=group_size)
@@ -156,6 +287,8 @@ class TpuCollectiveSeam(CollectiveSeam):
     group_size = len(groups[0])
     if group_size == 1:
       return tf.identity(value)
+    if _ACTIVE_LOGS:
+      self._record("all_gather", "AllToAll", groups, value)
     repeated = tf.tile(value, [group_size] + [1] * (value.shape.rank - 1))
     return tf.raw_ops.AllToAll(
         input=repeated, group_assignment=tf.constant(groups, tf.int32),
@@ -273,6 +406,8 @@ class CollectiveOpsSeam(CollectiveSeam):
     replica_id, group = self._group(group_assignment)
     if len(group) == 1:
       return tf.identity(value)
+    if _ACTIVE_LOGS:
+      _record("all_reduce", "CollectiveReduceV2", replica_id, group, value)
     return tf.raw_ops.CollectiveReduceV2(
         input=value, merge_op="Add", final_op="Id",
         **self._launch_params(replica_id, group))
@@ -283,6 +418,8 @@ class CollectiveOpsSeam(CollectiveSeam):
     chunks = split_for_group(value, len(group))
     if len(group) == 1:
       return value
+    if _ACTIVE_LOGS:
+      _record("all_to_all", "CollectiveAllToAllV2", replica_id, group, value)
     # Row j of the op's [group_size, ...] input goes to TensorFlow's rank j, the j-th
     # smallest member, which wants the shard of its position in `group`.
     order = [group.index(member) for member in sorted(group)]
@@ -298,6 +435,8 @@ class CollectiveOpsSeam(CollectiveSeam):
     replica_id, group = self._group(group_assignment)
     if len(group) == 1:
       return tf.identity(value)
+    if _ACTIVE_LOGS:
+      _record("all_gather", "CollectiveGatherV2", replica_id, group, value)
     gathered = tf.raw_ops.CollectiveGatherV2(
         input=value, **self._launch_params(replica_id, group))
     # Pieces arrive in TensorFlow's rank order (ascending replica id).

@@ -4,6 +4,10 @@ The choice, in order: `tpu` given -> TPUStrategy; a `TF_CONFIG` naming more than
 task -> MultiWorkerMirroredStrategy; GPUs visible -> MirroredStrategy over them;
 otherwise the CPU split into `num_cpu_devices` logical devices under MirroredStrategy, so
 that every collective of the distributed path really runs on a laptop or CI machine.
+
+Under MultiWorkerMirroredStrategy a worker without GPUs is exactly one replica
+(TensorFlow places a CPU worker's replica on its CPU:0 whatever logical devices exist),
+so `num_cpu_devices` does not apply there: the replica count is the worker count.
 """
 
 import json
@@ -34,8 +38,13 @@ def _multi_worker_task_count() -> int:
   return sum(len(tasks) for tasks in tf_config.get("cluster", {}).values())
 
 
-def create_strategy(*, tpu=None, num_cpu_devices: int = 8) -> tf.distribute.Strategy:
-  """The strategy for this machine; see the module docstring for the order."""
+def create_strategy(*, tpu=None, num_cpu_devices: int = 8,
+                    collective_timeout_seconds: float = 0.0) -> tf.distribute.Strategy:
+  """The strategy for this machine; see the module docstring for the order.
+
+  `collective_timeout_seconds` bounds each wait of a multi-worker strategy's own
+  collectives (0: wait forever), so a lost worker fails the step instead of hanging it.
+  """
   if tpu:
     resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
         tpu="" if tpu == "local" else tpu)
@@ -46,10 +55,10 @@ def create_strategy(*, tpu=None, num_cpu_devices: int = 8) -> tf.distribute.Stra
 
   gpus = tf.config.list_physical_devices("GPU")
   if _multi_worker_task_count() > 1:
-    if not gpus:
-      _split_cpu(num_cpu_devices)
+    # No CPU split here: a CPU worker is one replica (see the module docstring).
     # Ring collectives over gRPC between workers; NCCL inside each GPU worker.
     options = tf.distribute.experimental.CommunicationOptions(
+        timeout_seconds=collective_timeout_seconds or None,
         implementation=tf.distribute.experimental.CommunicationImplementation.NCCL
         if gpus else tf.distribute.experimental.CommunicationImplementation.RING)
     return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)

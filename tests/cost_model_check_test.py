@@ -1,0 +1,214 @@
+"""The cost model's counts against the implementation's, counted by instrumenting it.
+
+The real torus aggregator sums ResNet-50's real gradient list (161 float32 tensors,
+25,557,032 values) on 8 logical CPU replicas as 2x4, 4x2, 1x8 and 8x1 grids (and
+through the TPU back end, traced, on 2x4 and 4x2), while
+`allreduce.collectives.record_collectives` logs every collective op the seam builds:
+its kind, the issuing replica, its group and its payload. The step function is only
+traced (`get_concrete_function`), never run: counting needs the ops, not their data.
+
+What is compared, for every replica and every pack of `plan_packs` (the aggregator
+packs the gradients into buffers of at most `pack_size_bytes`, each padded to a
+multiple of x * 64 bytes), with `cost_model.torus_allreduce_counts(x, y, pack bytes)`:
+
+* per phase: the collective calls, the group size, the bytes handed to each call
+  (`payload_bytes`) and the bytes the replica sends (`bytes_sent`): taken from the
+  recorded op and its payload (an all-to-all sends the g - 1 chunks that are not its
+  own, an all-gather its piece to g - 1 peers, an all-reduce the ring's 2(g - 1)
+  chunks), not from the model;
+* the phase of each record follows from the implementation alone: its kind and
+  whether its group is a row or a column of the grid;
+* ring steps: the textbook ring steps of the recorded op over the recorded group size
+  ((g - 1) for an all-to-all or all-gather, 2(g - 1) for an all-reduce);
+* the issue order: every pack's reduce-scatter, then every all-reduce, then every
+  all-gather (breadth-first over packs, as the aggregator documents).
+
+Summed over packs, the totals must equal the model summed over the same packs, and
+differ from the model of one unpadded 102,228,128-byte buffer only by the padding.
+The log itself is checked against the traced graph: every collective op in the graph
+is one record and every record one op, with the same element count.
+"""
+
+from tests import logical_devices
+
+logical_devices.configure_logical_cpus()
+
+# pylint: disable=g-import-not-at-top,g-bad-import-order
+import collections
+
+from absl.testing import parameterized
+import tensorflow as tf
+
+import allreduce
+from allreduce import collectives
+from allreduce import cost_model
+from allreduce import torus_aggregator
+from allreduce.topology import TorusTopology
+from resnet import resnet_model
+
+NUM_REPLICAS = 8
+PHASE_OF_KIND = {"all_to_all": "reduce_scatter_x", "all_reduce": "all_reduce_y",
+                 "all_gather": "all_gather_x"}
+GRAPH_OPS = {"CollectiveAllToAllV2", "CollectiveReduceV2", "CollectiveGatherV2",
+             "AllToAll", "CrossReplicaSum"}
+
+
+def resnet50_gradient_shapes():
+  """The shapes of ResNet-50's trainable variables, in the model's order."""
+  model = resnet_model.build_resnet_for_depth(50, num_classes=1000, image_size=224)
+  shapes = [tuple(v.shape.as_list()) for v in model.trainable_variables]
+  return shapes
+
+
+def ring_steps(record):
+  """Latency steps of the textbook ring schedule of the recorded op."""
+  g = record.group_size
+  return 2 * (g - 1) if record.kind == "all_reduce" else g - 1
+
+
+class CostModelMatchesImplementationTest(tf.test.TestCase, parameterized.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.shapes = resnet50_gradient_shapes()
+    cls.strategy = logical_devices.cpu_mirrored_strategy(NUM_REPLICAS)
+
+  def test_resnet50_gradient_list(self):
+    self.assertLen(self.shapes, 161)
+    self.assertEqual(sum(tf.TensorShape(s).num_elements() for s in self.shapes),
+                     cost_model.RESNET50_NUM_PARAMETERS)
+
+  def _trace(self, x, y, seam, pack_size_bytes):
+    """Traces one aggregation of the gradient list; returns (log, graph ops)."""
+    aggregator = allreduce.make_torus_aggregator(
+        (x, y), seam=seam, pack_size_bytes=pack_size_bytes)
+    shapes = self.shapes
+
+    @tf.function(autograph=False)
+    def step():
+      return self.strategy.run(
+          lambda: aggregator.all_reduce([tf.zeros(s, tf.float32) for s in shapes]))
+
+    with collectives.record_collectives() as log:
+      graph = step.get_concrete_function().graph
+    return log, [op for op in graph.get_operations() if op.type in GRAPH_OPS]
+
+  @parameterized.named_parameters(
+      ("2x4", 2, 4, "collective_ops", torus_aggregator.DEFAULT_PACK_SIZE_BYTES),
+      ("4x2", 4, 2, "collective_ops", torus_aggregator.DEFAULT_PACK_SIZE_BYTES),
+      ("1x8", 1, 8, "collective_ops", torus_aggregator.DEFAULT_PACK_SIZE_BYTES),
+      ("8x1", 8, 1, "collective_ops", torus_aggregator.DEFAULT_PACK_SIZE_BYTES),
+      ("2x4_tpu", 2, 4, "tpu", torus_aggregator.DEFAULT_PACK_SIZE_BYTES),
+      ("4x2_tpu", 4, 2, "tpu", torus_aggregator.DEFAULT_PACK_SIZE_BYTES),
+  )
+  def test_counts_per_pack_and_in_total(self, x, y, backend, pack_size_bytes):
+    seam = (collectives.TpuCollectiveSeam() if backend == "tpu"
+            else collectives.CollectiveOpsSeam())
+    log, graph_ops = self._trace(x, y, seam, pack_size_bytes)
+    grid = TorusTopology(x, y)
+    packs = torus_aggregator.plan_packs(
+        [tf.TensorShape(s).num_elements() for s in self.shapes],
+        [tf.float32] * len(self.shapes), pack_size_bytes, num_shards=x)
+    models = [cost_model.torus_allreduce_counts(x, y, pack.length * 4)
+              for pack in packs]
+    self.assertBetween(len(packs), 4, 16)
+
+    # The log holds exactly the collective ops of the graph.
+    # (The TPU all-gather is an AllToAll of its piece tiled g times.)
+    self.assertEqual(
+        collections.Counter((op.type, op.inputs[0].shape.num_elements())
+                            for op in graph_ops),
+        collections.Counter(
+            (r.op, r.num_elements * (r.group_size if r.op == "AllToAll"
+                                     and r.kind == "all_gather" else 1))
+            for r in log.records))
+
+    rows = {tuple(g) for g in grid.row_groups()}
+    columns = {tuple(g) for g in grid.column_groups()}
+    for replica in range(NUM_REPLICAS):
+      records = log.for_replica(replica)
+      # Issue order: phase by phase, each over every pack.
+      expected_kinds = [kind for kind, model_phase in
+                        (("all_to_all", "reduce_scatter_x"),
+                         ("all_reduce", "all_reduce_y"),
+                         ("all_gather", "all_gather_x"))
+                        if models[0].phase(model_phase).collective_calls
+                        for _ in packs]
+      self.assertEqual([r.kind for r in records], expected_kinds)
+      by_phase = collections.defaultdict(list)
+      for record in records:
+        self.assertIn(replica, record.group)
+        self.assertEqual(record.dtype, "float32")
+        self.assertIn(record.group, columns if record.kind == "all_reduce" else rows)
+        by_phase[PHASE_OF_KIND[record.kind]].append(record)
+
+      totals = collections.Counter()
+      for pack_index, model in enumerate(models):
+        for phase in model.phases:
+          issued = by_phase[phase.name][pack_index:pack_index + 1]
+          measured = dict(
+              collective_calls=len(issued),
+              group_size=issued[0].group_size if issued else 1,
+              ring_steps=sum(ring_steps(r) for r in issued),
+              payload_bytes=sum(r.payload_bytes for r in issued),
+              bytes_sent=sum(r.bytes_sent for r in issued))
+          modelled = {k: getattr(phase, k) for k in measured}
+          self.assertEqual(measured, modelled, (replica, pack_index, phase.name))
+          if issued:
+            self.assertEqual(issued[0].kind, phase.collective)
+          totals["collective_calls"] += measured["collective_calls"]
+          totals["ring_steps"] += measured["ring_steps"]
+          totals["bytes_sent"] += measured["bytes_sent"]
+      # Every phase's records were matched to a pack: none left over.
+      self.assertEqual(sum(len(v) for v in by_phase.values()),
+                       totals["collective_calls"])
+      self.assertEqual(totals, collections.Counter(
+          collective_calls=sum(m.collective_calls for m in models),
+          ring_steps=sum(m.ring_steps for m in models),
+          bytes_sent=sum(m.bytes_sent for m in models)))
+
+    # Against one unpacked buffer: the same bytes but for the packs' padding, and
+    # the latency steps once per pack.
+    whole = cost_model.torus_allreduce_counts(x, y, cost_model.RESNET50_GRADIENT_BYTES)
+    padding_bytes = (sum(p.length for p in packs) * 4
+                     - cost_model.RESNET50_GRADIENT_BYTES)
+    self.assertBetween(padding_bytes, 0, (len(self.shapes) + len(packs) * x) * 64)
+    self.assertAllClose(sum(m.bytes_sent for m in models), whole.bytes_sent,
+                        rtol=1e-4)
+    self.assertEqual(sum(m.ring_steps for m in models),
+                     len(packs) * whole.ring_steps)
+
+
+class CollectiveLogTest(tf.test.TestCase):
+  """The recorder itself: it records inside its block only, every log in scope."""
+
+  def test_records_inside_the_block_only(self):
+    strategy = logical_devices.cpu_mirrored_strategy(NUM_REPLICAS)
+    aggregator = allreduce.make_torus_aggregator((2, 4), seam=strategy)
+
+    def trace():
+      @tf.function(autograph=False)
+      def step():
+        return strategy.run(lambda: aggregator.all_reduce([tf.zeros([10, 3])]))
+      return step.get_concrete_function()
+
+    with collectives.record_collectives() as outer:
+      with collectives.record_collectives() as inner:
+        trace()
+      self.assertEqual(outer.records, inner.records)
+      trace()
+    self.assertLen(inner.records, NUM_REPLICAS * 3)  # one pack, three phases
+    self.assertLen(outer.records, 2 * NUM_REPLICAS * 3)
+    trace()
+    self.assertLen(outer.records, 2 * NUM_REPLICAS * 3)
+    record = inner.for_replica(5)[0]
+    self.assertEqual((record.kind, record.op, record.group, record.dtype),
+                     ("all_to_all", "CollectiveAllToAllV2", (4, 5), "float32"))
+    # 30 values in a 64-byte-aligned slot, padded to 2 shards of 16 values.
+    self.assertEqual((record.num_elements, record.payload_bytes, record.bytes_sent),
+                     (32, 128, 64))
+
+
+if __name__ == "__main__":
+  tf.test.main()

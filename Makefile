@@ -19,7 +19,7 @@ run: setup
 	$(PY) main.py $(ARGS)
 
 test: setup
-	$(PY) -m pytest tests -q -p no:cacheprovider $(ARGS)
+	$(PY) tests/run_suites.py $(ARGS)
 
 bench: setup
 	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -7,9 +7,15 @@ Every flag left unset takes its value from --preset; the full configuration is p
 at start-up and written to <model_dir>/summary.json at the end.
 """
 
+import os
 import signal
 import sys
 
+# TensorFlow's C++ INFO lines (one per finished input pipeline, per collective group)
+# drown the progress lines; warnings and errors still show. Must precede its import.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 from absl import logging
@@ -93,6 +99,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+  # TensorFlow's Python INFO lines (how each all-reduce is placed) likewise.
+  tf.get_logger().setLevel("WARNING")
   try:
     config = _config_from_flags()
     run_lib.train_and_evaluate(config)

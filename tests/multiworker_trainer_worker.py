@@ -30,6 +30,8 @@ import time
 
 import numpy as np
 
+from tests import toy_images
+
 IMAGE_SIZE = 16
 NUM_CLASSES = 4
 NUM_EXAMPLES = 64
@@ -46,15 +48,7 @@ REFERENCE_REPLICAS = 2
 
 
 def toy_examples():
-  """Learnable tiny images: each class brightens a different quadrant."""
-  rng = np.random.default_rng(0)
-  labels = np.arange(NUM_EXAMPLES) % NUM_CLASSES
-  images = rng.normal(0.0, 0.3, (NUM_EXAMPLES, IMAGE_SIZE, IMAGE_SIZE, 3))
-  half = IMAGE_SIZE // 2
-  for i, label in enumerate(labels):
-    y, x = divmod(int(label), 2)
-    images[i, y * half:(y + 1) * half, x * half:(x + 1) * half] += 1.5
-  return images.astype(np.float32), labels.astype(np.int32)
+  return toy_images.quadrant_images(NUM_EXAMPLES, IMAGE_SIZE, NUM_CLASSES)
 
 
 def replica_slice_data_source():

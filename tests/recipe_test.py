@@ -121,6 +121,31 @@ class LarsOnTheTorusTest(tf.test.TestCase):
     self.assertAllClose(model.backbone.trainable_variables[0].numpy(), live)
 
 
+class MixedPrecisionTest(tf.test.TestCase, parameterized.TestCase):
+
+  @parameterized.parameters("mixed_float16", "mixed_bfloat16")
+  def test_trains_with_float32_master_weights(self, policy):
+    tf_keras.mixed_precision.set_global_policy(policy)
+    try:
+      model = _tiny_classifier(global_batch_size=32, num_classes=3)
+      optimizer = optimizer_lib.build_optimizer("sgd", 0.1, momentum=0.9)
+      if policy == "mixed_float16":  # float16 needs loss scaling; bfloat16 does not.
+        optimizer = tf_keras.mixed_precision.LossScaleOptimizer(optimizer)
+      model.compile(optimizer=optimizer)
+      rng = np.random.default_rng(1)
+      features = rng.normal(size=(256, 4)).astype(np.float32)
+      labels = (features[:, 0] > 0).astype(np.int32) + (features[:, 1] > 0)
+      history = model.fit(features, labels, batch_size=32, epochs=3, verbose=0)
+    finally:
+      tf_keras.mixed_precision.set_global_policy("float32")
+    self.assertLess(history.history["loss"][-1], 0.75 * history.history["loss"][0])
+    hidden = model.backbone.get_layer("hidden")
+    self.assertEqual(hidden.compute_dtype, policy.split("_")[1])
+    self.assertEqual(hidden.kernel.dtype, tf.float32)
+    if policy == "mixed_float16":
+      self.assertTrue(np.isfinite(float(optimizer.loss_scale)))
+
+
 class PaperPresetTest(tf.test.TestCase):
 
   def test_paper_32k_matches_the_reference_recipe(self):

@@ -8,7 +8,6 @@ checks its sums against NumPy and reports; the whole run is bounded in time.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,27 +15,17 @@ import time
 
 import tensorflow as tf
 
+from tests import loopback
+
 NUM_WORKERS = 4
 DEADLINE_SECONDS = 240
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def free_ports(count):
-  sockets = []
-  for _ in range(count):
-    s = socket.socket()
-    s.bind(("localhost", 0))
-    sockets.append(s)
-  ports = [s.getsockname()[1] for s in sockets]
-  for s in sockets:
-    s.close()
-  return ports
-
-
 class MultiWorkerAllReduceTest(tf.test.TestCase):
 
   def test_torus_sum_across_processes(self):
-    ports = ",".join(str(p) for p in free_ports(NUM_WORKERS))
+    ports = ",".join(str(p) for p in loopback.free_ports(NUM_WORKERS))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="",
                PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("TF_CONFIG", None)

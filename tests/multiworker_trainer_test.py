@@ -33,7 +33,6 @@ deadline, so a bug fails the test instead of hanging it.
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,24 +46,13 @@ logical_devices.configure_logical_cpus()
 import numpy as np
 import tensorflow as tf
 
+from tests import loopback
 from tests import multiworker_trainer_worker as recipe
 
 NUM_WORKERS = 2
 DEADLINE_SECONDS = 300
 COLLECTIVE_TIMEOUT_SECONDS = 60
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_ports(count):
-  sockets = []
-  for _ in range(count):
-    s = socket.socket()
-    s.bind(("localhost", 0))
-    sockets.append(s)
-  ports = [s.getsockname()[1] for s in sockets]
-  for s in sockets:
-    s.close()
-  return ports
 
 
 class MultiWorkerTrainerTest(tf.test.TestCase):
@@ -75,7 +63,7 @@ class MultiWorkerTrainerTest(tf.test.TestCase):
     super().setUpClass()
     cls.root = tempfile.mkdtemp()
     cls.model_dir = os.path.join(cls.root, "multiworker")
-    ports = ",".join(str(p) for p in free_ports(NUM_WORKERS))
+    ports = ",".join(str(p) for p in loopback.free_ports(NUM_WORKERS))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="",
                PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("TF_CONFIG", None)

@@ -205,7 +205,9 @@ class _LoopCallback(tf_keras.callbacks.Callback):
       tf.summary.scalar("train/learning_rate", learning_rate)
       tf.summary.scalar("train/images_per_second", images_per_second)
     self.summary_writer.flush()
-    self.loops.append(dict({k: float(v) for k, v in logs.items()}, step=step))
+    self.loops.append(dict({k: float(v) for k, v in logs.items()}, step=step,
+                           images_per_second=images_per_second,
+                           seconds_per_step=seconds / max(steps, 1)))
     if step % self.checkpoint_every_steps == 0 or step >= self.total_steps:
       self.checkpoint_manager.save(checkpoint_number=step)
 
@@ -334,8 +336,9 @@ class Trainer:
 
     Returns:
       One dict per loop run by this call: "step", the loop's mean "loss", "top1",
-      "top5", and "val_top1" etc. where it ended with an evaluation ([] if the model
-      dir already holds a finished run).
+      "top5", its "images_per_second" and "seconds_per_step", and "val_top1" etc.
+      where it ended with an evaluation ([] if the model dir already holds a finished
+      run).
     """
     start_step = self.restore()
     if start_step >= self.total_steps:

@@ -1,0 +1,189 @@
+"""End-to-end training images/s: the project's trainer against plain tf_keras ResNet50.
+
+Both sides run under the same `MirroredStrategy` over 8 logical CPUs, on the same data
+(the digits as JPEG TFRecords, read and decoded by the project's input pipeline at
+`--image_size`, default 32, the smallest input `tf_keras.applications.ResNet50`
+accepts), with the same global batch:
+
+* trainer: `build_trainer` from the `cpu_demo` preset with ResNet-50: grouped sync
+  batch norm over neighbouring pairs (`bn_group_size` 2 on the 2x4 torus), the 2-D
+  torus gradient all-reduce and the input pipeline, driven by `Trainer.train()`.
+* keras: `tf_keras.applications.ResNet50(weights=None)` compiled with momentum SGD and
+  trained with `model.fit` (per-replica fused batch norm, the strategy's all-reduce).
+
+Each side is first run once to trace and compile (excluded). Then the sides alternate,
+`--rounds` times, each round a fresh call of `--steps_per_round` steps timed by the wall
+clock: for the trainer one `Trainer.train()` call (which also restores its checkpoint,
+rebuilds the input stream and saves a checkpoint at the end), for Keras one `fit` call
+(which rebuilds its input stream). The median round gives each side's images/s. Last
+line: `trainer_vs_keras: <trainer images/s / keras images/s>x`.
+
+Grappler is off by default, for both sides: rewriting the graph of 8 replicas of
+ResNet-50 takes minutes on two cores. `--grappler` turns it back on.
+
+    .venv/bin/python benchmarks/train_step.py [--rounds 3] [--steps_per_round 6] [--global_batch 32]
+"""
+
+import argparse
+import logging as logging_lib
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import tensorflow as tf
+import tf_keras
+from absl import logging
+
+import input_pipeline
+from training import config as config_lib
+from training import data_sources
+from training import run as run_lib
+
+NUM_REPLICAS = 8
+
+
+def build_project_trainer(args, strategy, model_dir, records_dir):
+  config = config_lib.build_config(
+      "cpu_demo", model_dir=model_dir, data_dir=records_dir, image_size=args.image_size,
+      resnet_depth=50, resnet_width=64, train_batch_size=args.global_batch,
+      eval_batch_size=args.global_batch, bn_group_size=2, torus_shape=(2, 4),
+      allreduce="torus", train_steps=args.warmup_steps, log_every_steps=1,
+      checkpoint_every_steps=10**6)
+  return config, run_lib.build_trainer(config, strategy)
+
+
+def build_keras_model(args, strategy):
+  with strategy.scope():
+    model = tf_keras.applications.ResNet50(
+        weights=None, input_shape=(args.image_size, args.image_size, 3), classes=10)
+    model.compile(
+        optimizer=tf_keras.optimizers.SGD(learning_rate=0.01, momentum=0.9),
+        loss=tf_keras.losses.SparseCategoricalCrossentropy(),
+        metrics=[tf_keras.metrics.SparseCategoricalAccuracy(name="top1")])
+  return model
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--image_size", type=int, default=32)
+  parser.add_argument("--global_batch", type=int, default=32)
+  parser.add_argument("--warmup_steps", type=int, default=2)
+  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--steps_per_round", type=int, default=6)
+  parser.add_argument("--grappler", action="store_true",
+                      help="keep grappler's graph rewrites (minutes per model)")
+  args = parser.parse_args(argv)
+
+  # Before any TensorFlow op: the CPU can be split only once per process.
+  tf.config.set_logical_device_configuration(
+      tf.config.list_physical_devices("CPU")[0],
+      [tf.config.LogicalDeviceConfiguration()] * NUM_REPLICAS)
+  logging.set_verbosity(logging.ERROR)
+  tf.get_logger().setLevel("ERROR")  # AutoGraph notes about the pipeline's lambdas
+  if not args.grappler:
+    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
+  strategy = tf.distribute.MirroredStrategy(
+      [f"/cpu:{i}" for i in range(NUM_REPLICAS)])
+
+  print(f"ResNet-50, digits TFRecords at {args.image_size}x{args.image_size} through "
+        f"the project's input pipeline, global batch {args.global_batch} over "
+        f"{NUM_REPLICAS} logical CPUs; {args.rounds} alternating rounds of "
+        f"{args.steps_per_round} steps per side; grappler "
+        f"{'on' if args.grappler else 'off'}", flush=True)
+  work_dir = tempfile.mkdtemp(prefix="train_step_")
+  records_dir = os.path.join(work_dir, "digits")
+  input_pipeline.prepare_digits_records(records_dir, image_size=args.image_size)
+
+  started = time.perf_counter()
+  config, trainer = build_project_trainer(
+      args, strategy, os.path.join(work_dir, "trainer"), records_dir)
+  trainer.train()
+  print(f"  trainer: built, traced and ran {args.warmup_steps} steps in "
+        f"{time.perf_counter() - started:.0f} s", flush=True)
+
+  # The same data, through the same pipeline, for the plain Keras model.
+  data = data_sources.data_source_for(config)
+  def keras_input():
+    return tf_keras.utils.experimental.DatasetCreator(
+        lambda context: data.make_train_dataset(context, 0),
+        input_options=data.input_options)
+
+  started = time.perf_counter()
+  keras_model = build_keras_model(args, strategy)
+  keras_model.fit(keras_input(), epochs=1, steps_per_epoch=args.warmup_steps, verbose=0)
+  print(f"  keras:   built, traced and ran {args.warmup_steps} steps in "
+        f"{time.perf_counter() - started:.0f} s", flush=True)
+
+  step_seconds = {"trainer": [], "keras": []}
+
+  class TrainerStepTimes(logging_lib.Handler):
+    """Collects the seconds per step of the trainer's own per-loop progress lines."""
+
+    def emit(self, record):
+      match = re.search(r"([0-9.]+) s/step", record.getMessage())
+      if match and capture["on"]:
+        step_seconds["trainer"].append(float(match.group(1)))
+
+  capture = {"on": False}
+  absl_logger = logging_lib.getLogger("absl")
+  absl_logger.addHandler(TrainerStepTimes())
+  absl_logger.propagate = False  # keep the progress lines off the console
+  absl_logger.setLevel(logging_lib.INFO)
+
+  class KerasStepTimes(tf_keras.callbacks.Callback):
+    """The same measurement for Keras: wall time of each one-step loop."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+      self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+      step_seconds["keras"].append(time.perf_counter() - self.started)
+
+  def run_trainer():
+    trainer.total_steps = trainer.step + args.steps_per_round
+    capture["on"] = True
+    trainer.train()
+    capture["on"] = False
+
+  def run_keras():
+    # Loops of one step, like the trainer's (log_every_steps=1).
+    keras_model.fit(keras_input(), epochs=args.steps_per_round, steps_per_epoch=1,
+                    callbacks=[KerasStepTimes()], verbose=0)
+
+  images = args.steps_per_round * args.global_batch
+  rates = {"trainer": [], "keras": []}
+  steady = {"trainer": [], "keras": []}
+  for round_index in range(args.rounds):
+    for name, run in (("trainer", run_trainer), ("keras", run_keras)):
+      del step_seconds[name][:]
+      round_started = time.perf_counter()
+      run()
+      seconds = time.perf_counter() - round_started
+      rates[name].append(images / seconds)
+      # The first step of a call also starts the input stream: left out of steady state.
+      steady[name].extend(step_seconds[name][1:])
+      print(f"  round {round_index + 1} {name:>7}: {images / seconds:6.1f} images/s "
+            f"for the whole call ({seconds:.1f} s); steps after the first "
+            f"{statistics.median(step_seconds[name][1:]):.3f} s median", flush=True)
+
+  medians = {name: statistics.median(values) for name, values in rates.items()}
+  steady_rates = {name: args.global_batch / statistics.median(values)
+                  for name, values in steady.items()}
+  for name, values in rates.items():
+    print(f"{name:>8}: {steady_rates[name]:6.1f} images/s in steady state (median of "
+          f"{len(steady[name])} steps); {medians[name]:6.1f} images/s per whole call "
+          f"(median of {len(values)}, range {min(values):.1f}-{max(values):.1f})")
+  print(f"whole calls, trainer/keras: {medians['trainer'] / medians['keras']:.3f}x "
+        "(the trainer's calls also restore and save a checkpoint)")
+  print(f"trainer_vs_keras: {steady_rates['trainer'] / steady_rates['keras']:.3f}x")
+
+
+if __name__ == "__main__":
+  main()

@@ -16,6 +16,7 @@ The last line is `pipeline_vs_naive: <ratio>x`.
 import argparse
 import io
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -119,8 +120,8 @@ def model_garden_dataset(pattern, batch_size, image_size):
   return reader.read()
 
 
-def images_per_second(dataset, batch_size, seconds, warmup_batches=3):
-  iterator = iter(dataset)
+def images_per_second(iterator, batch_size, seconds, warmup_batches=2):
+  """Rate of one already-running iterator over `seconds` (after a short warm-up)."""
   for _ in range(warmup_batches):
     next(iterator)
   start, batches = time.perf_counter(), 0
@@ -138,9 +139,9 @@ def main(argv=None):
   parser.add_argument("--image_size", type=int, default=224)
   parser.add_argument("--small_image_size", type=int, default=128,
                       help="a second output size, where DCT scaling applies more often")
-  parser.add_argument("--seconds", type=float, default=7.0,
+  parser.add_argument("--seconds", type=float, default=3.0,
                       help="timing per pipeline per round")
-  parser.add_argument("--rounds", type=int, default=2,
+  parser.add_argument("--rounds", type=int, default=5,
                       help="the pipelines take turns this many times; the best round "
                       "counts, which discounts other load on a shared machine")
   args = parser.parse_args(argv)
@@ -156,7 +157,8 @@ def main(argv=None):
     print(f"{info['splits']['train']['num_examples']} photographs, ~500x375 JPEG q90, "
           f"{total_bytes / 2**20:.1f} MiB in {args.num_shards} shards; "
           f"batch {args.batch_size}, {os.cpu_count()} CPU cores, "
-          f"best of {args.rounds} rounds of {args.seconds:.0f} s per pipeline")
+          f"median of {args.rounds} alternating rounds of {args.seconds:.0f} s "
+          "per pipeline")
 
     def ours(image_size, use_dct_scaling):
       return input_pipeline.create_tfrecord_dataset(
@@ -174,14 +176,20 @@ def main(argv=None):
         ("pipeline", f"{small}px", lambda: ours(small, False)),
         ("pipeline+dct", f"{small}px", lambda: ours(small, True)),
     ]
-    datasets = [(name, output, make()) for name, output, make in candidates]
-    rates = {}
+    # Every pipeline keeps one running iterator, and they take turns in short rounds:
+    # a restart per round would time pipeline start-up, and long turns would let
+    # drifting machine load decide the ratios (these machines are shared).
+    iterators = [(name, output, iter(make())) for name, output, make in candidates]
+    samples = {(name, output): [] for name, output, _ in iterators}
     for _ in range(args.rounds):
-      for name, output, dataset in datasets:
-        rate = images_per_second(dataset, args.batch_size, args.seconds)
-        rates[(name, output)] = max(rate, rates.get((name, output), 0.0))
-    for name, output, _ in datasets:
-      print(f"  {name:<13} {output:>6}  {rates[(name, output)]:8.1f} images/s")
+      for name, output, iterator in iterators:
+        samples[(name, output)].append(
+            images_per_second(iterator, args.batch_size, args.seconds))
+    rates = {key: statistics.median(values) for key, values in samples.items()}
+    for name, output, _ in iterators:
+      values = samples[(name, output)]
+      print(f"  {name:<13} {output:>6}  {rates[(name, output)]:8.1f} images/s "
+            f"(range {min(values):.0f}-{max(values):.0f})")
 
   pipeline = rates[("pipeline", f"{size}px")]
   print(f"dct_scaling_gain_{size}px: "

@@ -170,7 +170,7 @@ class _LoopCallback(tf_keras.callbacks.Callback):
     self.checkpoint_every_steps = checkpoint_every_steps
     self.learning_rate = learning_rate
     self.summary_writer = summary_writer
-    self.loops = []  # per loop: {"step", "loss", "top1", ..., "val_top1" if evaluated}
+    self.loops = []  # per loop: step, metrics, throughput (see Trainer.train)
 
   def _step(self):
     return int(self.model.optimizer.iterations.numpy())
@@ -188,13 +188,14 @@ class _LoopCallback(tf_keras.callbacks.Callback):
     seconds = max(time.time() - self._loop_start_time, 1e-9)
     steps = step - self._loop_start_step
     images_per_second = steps * self.global_batch_size / seconds
+    seconds_per_step = seconds / max(steps, 1)
     learning_rate = float(self.learning_rate(step)) if callable(
         self.learning_rate) else float(self.learning_rate)
     logging.info(
         "step %d/%d  loss %.4f  top1 %.4f  top5 %.4f  lr %.5f  %.1f images/s  "
         "%.3f s/step%s", step, self.total_steps, logs.get("loss", float("nan")),
         logs.get("top1", float("nan")), logs.get("top5", float("nan")), learning_rate,
-        images_per_second, seconds / max(steps, 1),
+        images_per_second, seconds_per_step,
         "  | eval top1 %.4f" % logs["val_top1"] if "val_top1" in logs else "")
     with self.summary_writer.as_default(step=step):
       for name in ("loss", "top1", "top5"):
@@ -207,7 +208,7 @@ class _LoopCallback(tf_keras.callbacks.Callback):
     self.summary_writer.flush()
     self.loops.append(dict({k: float(v) for k, v in logs.items()}, step=step,
                            images_per_second=images_per_second,
-                           seconds_per_step=seconds / max(steps, 1)))
+                           seconds_per_step=seconds_per_step))
     if step % self.checkpoint_every_steps == 0 or step >= self.total_steps:
       self.checkpoint_manager.save(checkpoint_number=step)
 

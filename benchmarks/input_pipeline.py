@@ -14,7 +14,6 @@ The last line is `pipeline_vs_naive: <ratio>x`.
 """
 
 import argparse
-import io
 import os
 import statistics
 import sys

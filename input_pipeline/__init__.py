@@ -11,6 +11,7 @@ from input_pipeline.pipeline import DIGITS_AREA_RANGE
 from input_pipeline.pipeline import IMAGENET_AREA_RANGE
 from input_pipeline.pipeline import SkippedImageCounter
 from input_pipeline.pipeline import create_tfrecord_dataset
+from input_pipeline.pipeline import device_input_options
 from input_pipeline.pipeline import distributed_dataset_fn
 from input_pipeline.synthetic import create_synthetic_dataset
 from input_pipeline.tfds_source import create_tfds_dataset
@@ -24,6 +25,7 @@ __all__ = [
     "create_synthetic_dataset",
     "create_tfds_dataset",
     "create_tfrecord_dataset",
+    "device_input_options",
     "distributed_dataset_fn",
     "prepare_digits_records",
 ]

@@ -331,6 +331,13 @@ def decode_and_batch(seeded_examples, *, is_training, batch_size, image_size, dt
   return dataset.with_options(options)
 
 
+def device_input_options(device_prefetch_batches=2):
+  """`InputOptions` that copy `device_prefetch_batches` batches ahead onto each device."""
+  return tf.distribute.InputOptions(
+      experimental_fetch_to_device=True,
+      experimental_per_replica_buffer_size=device_prefetch_batches)
+
+
 def distributed_dataset_fn(create_dataset, global_batch_size, *,
                            device_prefetch_batches=2, **dataset_kwargs):
   """A `dataset_fn(input_context)` and the `InputOptions` to distribute it with.
@@ -358,8 +365,5 @@ def distributed_dataset_fn(create_dataset, global_batch_size, *,
     return create_dataset(batch_size=per_replica_batch_size, input_context=input_context,
                           **dataset_kwargs)
 
-  options = tf.distribute.InputOptions(
-      experimental_fetch_to_device=True,
-      experimental_per_replica_buffer_size=device_prefetch_batches)
-  return dataset_fn, options
+  return dataset_fn, device_input_options(device_prefetch_batches)
 

@@ -7,23 +7,14 @@ pytest all modules share one process: the first call configures, the others chec
 
 import tensorflow as tf
 
+from training import strategy as strategy_lib
+
 NUM_LOGICAL_CPUS = 8
 
 
 def configure_logical_cpus(count=NUM_LOGICAL_CPUS):
   """Makes `count` logical CPU devices, or checks that they already exist."""
-  cpu = tf.config.list_physical_devices("CPU")[0]
-  try:
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * count)
-  except RuntimeError:
-    # The runtime has started: fine as long as an earlier call made enough devices.
-    pass
-  available = len(tf.config.list_logical_devices("CPU"))
-  if available < count:
-    raise RuntimeError(
-        f"{count} logical CPUs are needed but the TensorFlow runtime started with "
-        f"{available}; call configure_logical_cpus() before any TensorFlow op.")
+  strategy_lib.split_cpu(count)
 
 
 def cpu_mirrored_strategy(count=NUM_LOGICAL_CPUS):

@@ -4,8 +4,7 @@ from tests import logical_devices
 
 logical_devices.configure_logical_cpus()
 
-import io  # pylint: disable=g-import-not-at-top,wrong-import-position
-import json
+import json  # pylint: disable=g-import-not-at-top,wrong-import-position
 import os
 
 import numpy as np

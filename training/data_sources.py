@@ -19,15 +19,6 @@ IMAGENET_EVAL_EXAMPLES = 50_000
 SYNTHETIC_EXAMPLES_PER_EPOCH = IMAGENET_TRAIN_EXAMPLES
 SYNTHETIC_EVAL_BATCHES = 4
 
-# Batches each device holds ahead of the step (prefetch to device).
-DEVICE_PREFETCH_BATCHES = 2
-
-
-def _device_input_options():
-  return tf.distribute.InputOptions(
-      experimental_fetch_to_device=True,
-      experimental_per_replica_buffer_size=DEVICE_PREFETCH_BATCHES)
-
 
 def _per_host_examples(input_context, global_batch_size, start_step):
   return start_step * global_batch_size // input_context.num_input_pipelines
@@ -62,7 +53,7 @@ def _tfrecord_source(config, train_pattern, eval_pattern, num_train, num_eval,
         image_size=config.image_size, input_context=input_context, dtype=dtype)
 
   return DataSource(make_train_dataset, make_eval_dataset, num_train, num_eval,
-                    _device_input_options())
+                    input_pipeline.device_input_options())
 
 
 def _tfds_source(config):
@@ -88,7 +79,7 @@ def _tfds_source(config):
         image_size=config.image_size, input_context=input_context, dtype=dtype)
 
   return DataSource(make_train_dataset, make_eval_dataset, num_train, num_eval,
-                    _device_input_options())
+                    input_pipeline.device_input_options())
 
 
 def _synthetic_source(config):
@@ -104,7 +95,7 @@ def _synthetic_source(config):
       lambda ctx, step: make_dataset(ctx, step, batch=config.train_batch_size),
       lambda ctx: make_dataset(ctx, batch=config.eval_batch_size),
       SYNTHETIC_EXAMPLES_PER_EPOCH, SYNTHETIC_EVAL_BATCHES * config.eval_batch_size,
-      _device_input_options())
+      input_pipeline.device_input_options())
 
 
 def data_source_for(config) -> DataSource:

@@ -17,7 +17,7 @@ import tensorflow as tf
 from absl import logging
 
 
-def _split_cpu(num_cpu_devices: int):
+def split_cpu(num_cpu_devices: int):
   """Splits the CPU into logical devices; must run before the TF runtime starts."""
   cpu = tf.config.list_physical_devices("CPU")[0]
   try:
@@ -65,7 +65,7 @@ def create_strategy(*, tpu=None, num_cpu_devices: int = 8,
 
   if gpus:
     return tf.distribute.MirroredStrategy([f"/gpu:{i}" for i in range(len(gpus))])
-  devices = _split_cpu(num_cpu_devices)
+  devices = split_cpu(num_cpu_devices)
   logging.info("No accelerator found: %d logical CPU replicas.", num_cpu_devices)
   return tf.distribute.MirroredStrategy(devices)
 

@@ -41,15 +41,11 @@ import tf_keras
 from allreduce import topology as topology_lib
 from resnet import group_batch_norm
 from resnet import resnet_model
+from training import strategy as strategy_lib
 
 NUM_REPLICAS = 8
 NUM_CLASSES = 10
 
-
-def configure_logical_cpus(count):
-  cpu = tf.config.list_physical_devices("CPU")[0]
-  tf.config.set_logical_device_configuration(
-      cpu, [tf.config.LogicalDeviceConfiguration()] * count)
 
 
 def build_training_step(strategy, norm_layer, image_size, per_replica_batch):
@@ -105,7 +101,7 @@ def main(argv=None):
                       help="skip the fused BatchNormalization reference line")
   args = parser.parse_args(argv)
 
-  configure_logical_cpus(NUM_REPLICAS)
+  strategy_lib.split_cpu(NUM_REPLICAS)
   if not args.grappler:
     tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
   strategy = tf.distribute.MirroredStrategy(

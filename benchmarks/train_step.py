@@ -45,6 +45,7 @@ import input_pipeline
 from training import config as config_lib
 from training import data_sources
 from training import run as run_lib
+from training import strategy as strategy_lib
 
 NUM_REPLICAS = 8
 
@@ -82,9 +83,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
 
   # Before any TensorFlow op: the CPU can be split only once per process.
-  tf.config.set_logical_device_configuration(
-      tf.config.list_physical_devices("CPU")[0],
-      [tf.config.LogicalDeviceConfiguration()] * NUM_REPLICAS)
+  strategy_lib.split_cpu(NUM_REPLICAS)
   logging.set_verbosity(logging.ERROR)
   tf.get_logger().setLevel("ERROR")  # AutoGraph notes about the pipeline's lambdas
   if not args.grappler:

@@ -1,7 +1,8 @@
 """Input pipelines: ImageNet-schema TFRecords, tfds builders, synthetic data, digits.
 
 Each builder returns a `tf.data.Dataset` of (images, labels) batches given an optional
-`tf.distribute.InputContext`; none of them sees the model.
+`tf.distribute.InputContext` (for padded evaluation, (images, labels, weights)); none of
+them sees the model.
 """
 
 from input_pipeline.data_error import DataError
@@ -10,9 +11,12 @@ from input_pipeline.digits import prepare_digits_records
 from input_pipeline.pipeline import DIGITS_AREA_RANGE
 from input_pipeline.pipeline import IMAGENET_AREA_RANGE
 from input_pipeline.pipeline import SkippedImageCounter
+from input_pipeline.pipeline import batch_with_padding
 from input_pipeline.pipeline import create_tfrecord_dataset
 from input_pipeline.pipeline import device_input_options
 from input_pipeline.pipeline import distributed_dataset_fn
+from input_pipeline.pipeline import host_example_counts
+from input_pipeline.pipeline import padded_eval_steps
 from input_pipeline.synthetic import create_synthetic_dataset
 from input_pipeline.tfds_source import create_tfds_dataset
 
@@ -22,10 +26,13 @@ __all__ = [
     "DatasetSpec",
     "IMAGENET_AREA_RANGE",
     "SkippedImageCounter",
+    "batch_with_padding",
     "create_synthetic_dataset",
     "create_tfds_dataset",
     "create_tfrecord_dataset",
     "device_input_options",
     "distributed_dataset_fn",
+    "host_example_counts",
+    "padded_eval_steps",
     "prepare_digits_records",
 ]

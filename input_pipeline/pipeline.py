@@ -5,6 +5,11 @@ list files, shard per host, shuffle files, parallel interleave, (cache), shuffle
 fused decode-and-crop, resize, flip, normalize, batch, prefetch. Every step's knob is an
 argument. `distributed_dataset_fn` wraps any of the dataset builders for
 `strategy.distribute_datasets_from_function`, with prefetch onto the devices.
+
+Evaluation covers every example with static batch shapes (as TPUs need) by padding:
+`padded_eval_steps` gives the step count that covers the host with the most examples,
+the same on every host, and `batch_with_padding` fills each host's stream up to it with
+zero-weight examples.
 """
 
 import dataclasses
@@ -124,6 +129,91 @@ def examples_per_epoch(host_shard):
   return len(range(host_shard.record_shard_index, total, host_shard.num_record_shards))
 
 
+def host_example_counts(file_pattern, num_input_pipelines):
+  """Examples each input pipeline (host) reads in one pass, by pipeline id.
+
+  Every host computes all of them, from the same dataset_info.json (or by counting the
+  same records), so every host derives the same evaluation step count from them.
+  """
+  files = list_shards(file_pattern)
+  return [examples_per_epoch(shard_for_host(
+      files, tf.distribute.InputContext(num_input_pipelines, host)))
+          for host in range(num_input_pipelines)]
+
+
+def padded_eval_steps(examples_per_host, global_batch_size):
+  """Evaluation steps that cover every example of every host; the same for all hosts.
+
+  A step takes global_batch_size / len(examples_per_host) examples from each host (one
+  per-replica batch for each of its replicas). The host with the most examples sets the
+  count; `batch_with_padding` fills the other hosts, and its own last step, with padding.
+
+  Args:
+    examples_per_host: examples of each host, by input pipeline id (as
+      `host_example_counts` gives them).
+    global_batch_size: evaluation examples per step over all replicas.
+
+  Raises:
+    ValueError: the batch does not divide over the hosts.
+    DataError: there is nothing to evaluate.
+  """
+  num_hosts = len(examples_per_host)
+  if not num_hosts or global_batch_size % num_hosts:
+    raise ValueError(f"global batch {global_batch_size} does not divide over "
+                     f"{num_hosts} input pipelines")
+  examples_per_host_step = global_batch_size // num_hosts
+  steps = max(-(-count // examples_per_host_step) for count in examples_per_host)
+  if not steps:
+    raise DataError("The evaluation set has no examples.")
+  return steps
+
+
+def batch_with_padding(examples, *, batch_size, num_batches):
+  """(image, label) examples -> `num_batches` full batches of (images, labels, weights).
+
+  The real examples come first, in order, with weight 1.0; then padding examples (zero
+  image, label 0, weight 0.0) fill the last batches. Every batch is full, so shapes stay
+  static, and metrics weighted by `weights` count each real example once and padding
+  not at all. Records dropped upstream as undecodable only mean more padding.
+
+  Args:
+    examples: dataset of (image, label) with fully defined shapes.
+    batch_size: examples per batch.
+    num_batches: batches to yield; for evaluation, this host's share of
+      `padded_eval_steps` (steps * replicas per host).
+
+  Returns:
+    A dataset of `num_batches` (images [batch_size, ...], labels [batch_size],
+    weights [batch_size] float32). Iterating it fails with InvalidArgumentError if more
+    than num_batches * batch_size real examples arrive: they would be lost.
+  """
+  image_spec, label_spec = examples.element_spec
+  if not image_spec.shape.is_fully_defined():
+    raise ValueError(f"padding needs a static image shape, got {image_spec.shape}")
+  padding = tf.data.Dataset.from_tensors(
+      (tf.zeros(image_spec.shape, image_spec.dtype),
+       tf.zeros(label_spec.shape, label_spec.dtype), tf.constant(0.0))).repeat()
+
+  def keep(index, batch):
+    # Batch `num_batches` is made only to check that it is all padding: a real example
+    # there means the batch count does not cover the data, and it would be lost.
+    _, _, weights = batch
+    fits = tf.debugging.assert_equal(
+        tf.logical_and(index >= num_batches, tf.reduce_any(weights > 0)), False,
+        message=f"more than {num_batches} batches of {batch_size} evaluation examples "
+                "on this host: the step count does not cover the data")
+    with tf.control_dependencies([fits]):
+      return index < num_batches
+
+  return (examples.map(lambda image, label: (image, label, tf.constant(1.0)))
+          .concatenate(padding)
+          .take((num_batches + 1) * batch_size)
+          .batch(batch_size, drop_remainder=True)
+          .enumerate()
+          .filter(keep)
+          .map(lambda index, batch: batch))
+
+
 def _epoch_key(base_seed, epoch):
   return tf.random.experimental.stateless_fold_in(base_seed, epoch)
 
@@ -151,9 +241,10 @@ def create_tfrecord_dataset(
     area_range=IMAGENET_AREA_RANGE, aspect_ratio_range=(3 / 4, 4 / 3),
     max_crop_attempts=10, eval_crop_fraction=preprocessing.EVAL_CROP_FRACTION,
     use_dct_scaling=False, resize_method="bilinear", drop_remainder=True,
-    prefetch_batches=AUTOTUNE, label_offset=schema.LABEL_OFFSET_ON_DISK,
-    check_shards=True, skipped_image_counter=None, private_threadpool_size=None):
-  """ImageNet-schema TFRecords -> batches of (images, labels).
+    pad_to_batches=None, prefetch_batches=AUTOTUNE,
+    label_offset=schema.LABEL_OFFSET_ON_DISK, check_shards=True,
+    skipped_image_counter=None, private_threadpool_size=None):
+  """ImageNet-schema TFRecords -> batches of (images, labels[, weights]).
 
   Args:
     file_pattern: glob (or list of globs) of TFRecord shards.
@@ -198,7 +289,11 @@ def create_tfrecord_dataset(
     resize_method: `tf.image.resize` method.
     drop_remainder: drop a final partial batch, giving the static batch shape TPUs
       need. For evaluation this leaves out up to batch_size - 1 examples per host; pass
-      False for an exact count (the last batch is then smaller).
+      False for an exact count (the last batch is then smaller), or use pad_to_batches.
+    pad_to_batches: evaluation only: yield exactly this many full batches of (images,
+      labels, weights), every real example (weight 1) followed by zero-weight padding
+      (see `batch_with_padding`; `padded_eval_steps` gives the count). Overrides
+      drop_remainder.
     prefetch_batches: batches prepared ahead on the host.
     label_offset: subtracted from the stored label (1 for the ImageNet converters).
     check_shards: read the first record of each shard up front, so a broken shard is an
@@ -210,7 +305,8 @@ def create_tfrecord_dataset(
 
   Returns:
     A `tf.data.Dataset` of (images [batch_size, image_size, image_size, 3] `dtype`,
-    labels [batch_size] int32, 0-based).
+    labels [batch_size] int32, 0-based), and weights [batch_size] float32 with
+    pad_to_batches.
 
   Raises:
     DataError: the pattern matches nothing, or a shard cannot be read (named).
@@ -278,15 +374,17 @@ def create_tfrecord_dataset(
       area_range=area_range, aspect_ratio_range=aspect_ratio_range,
       max_crop_attempts=max_crop_attempts, eval_crop_fraction=eval_crop_fraction,
       use_dct_scaling=use_dct_scaling, resize_method=resize_method,
-      drop_remainder=drop_remainder, prefetch_batches=prefetch_batches,
-      skipped_image_counter=counter, private_threadpool_size=private_threadpool_size)
+      drop_remainder=drop_remainder, pad_to_batches=pad_to_batches,
+      prefetch_batches=prefetch_batches, skipped_image_counter=counter,
+      private_threadpool_size=private_threadpool_size)
 
 
 def decode_and_batch(seeded_examples, *, is_training, batch_size, image_size, dtype,
                      deterministic, num_parallel_calls, area_range, aspect_ratio_range,
                      max_crop_attempts, eval_crop_fraction, use_dct_scaling,
                      resize_method, drop_remainder, prefetch_batches,
-                     skipped_image_counter, private_threadpool_size=None):
+                     skipped_image_counter, pad_to_batches=None,
+                     private_threadpool_size=None):
   """The second half of every real-data pipeline: check, decode, augment, batch.
 
   Args:
@@ -294,6 +392,9 @@ def decode_and_batch(seeded_examples, *, is_training, batch_size, image_size, dt
       "filename", "bboxes"), as `schema.parse_example` makes.
     The rest: see `create_tfrecord_dataset`.
   """
+  if pad_to_batches is not None and is_training:
+    raise ValueError("pad_to_batches applies to evaluation only.")
+
   def check(seed, example):
     # Count and log here, before decoding: a truncated JPEG would fail the decode op
     # and with it the whole run.
@@ -316,13 +417,18 @@ def decode_and_batch(seeded_examples, *, is_training, batch_size, image_size, dt
           use_dct_scaling=use_dct_scaling, resize_method=resize_method, dtype=dtype)
     return image, example["label"]
 
-  dataset = (seeded_examples
-             .map(check, num_parallel_calls=num_parallel_calls, deterministic=deterministic)
-             .filter(lambda seed, example, valid: valid)
-             .map(decode, num_parallel_calls=num_parallel_calls,
-                  deterministic=deterministic)
-             .batch(batch_size, drop_remainder=drop_remainder)
-             .prefetch(prefetch_batches))
+  examples = (seeded_examples
+              .map(check, num_parallel_calls=num_parallel_calls,
+                   deterministic=deterministic)
+              .filter(lambda seed, example, valid: valid)
+              .map(decode, num_parallel_calls=num_parallel_calls,
+                   deterministic=deterministic))
+  if pad_to_batches is None:
+    batches = examples.batch(batch_size, drop_remainder=drop_remainder)
+  else:
+    batches = batch_with_padding(examples, batch_size=batch_size,
+                                 num_batches=pad_to_batches)
+  dataset = batches.prefetch(prefetch_batches)
   options = tf.data.Options()
   options.deterministic = deterministic
   options.experimental_optimization.map_parallelization = True

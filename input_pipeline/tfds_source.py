@@ -44,9 +44,12 @@ def create_tfds_dataset(
     num_parallel_calls=pipeline.AUTOTUNE, area_range=pipeline.IMAGENET_AREA_RANGE,
     aspect_ratio_range=(3 / 4, 4 / 3), max_crop_attempts=10,
     eval_crop_fraction=preprocessing.EVAL_CROP_FRACTION, use_dct_scaling=False,
-    resize_method="bilinear", drop_remainder=True, prefetch_batches=pipeline.AUTOTUNE,
-    skipped_image_counter=None):
-  """A tfds builder's split -> batches of (images, labels); see create_tfrecord_dataset.
+    resize_method="bilinear", drop_remainder=True, pad_to_batches=None,
+    prefetch_batches=pipeline.AUTOTUNE, skipped_image_counter=None):
+  """A tfds builder's split -> batches of (images, labels[, weights]).
+
+  See create_tfrecord_dataset for the arguments (pad_to_batches: exactly that many
+  batches of (images, labels, weights) for evaluation, padded with weight 0).
 
   tfds shards per host itself (`ReadConfig(input_context=...)`) and interleaves its
   own files. Labels are tfds's, already 0-based. `skip_examples` skips encoded
@@ -86,5 +89,19 @@ def create_tfds_dataset(
       area_range=area_range, aspect_ratio_range=aspect_ratio_range,
       max_crop_attempts=max_crop_attempts, eval_crop_fraction=eval_crop_fraction,
       use_dct_scaling=use_dct_scaling, resize_method=resize_method,
-      drop_remainder=drop_remainder, prefetch_batches=prefetch_batches,
+      drop_remainder=drop_remainder, pad_to_batches=pad_to_batches,
+      prefetch_batches=prefetch_batches,
       skipped_image_counter=skipped_image_counter or pipeline.SkippedImageCounter())
+
+
+def host_example_counts(name, data_dir, split, num_input_pipelines):
+  """Examples each input pipeline reads of a tfds split, by pipeline id.
+
+  tfds gives host i of n the files i, i + n, ... of the split
+  (`ReadConfig(input_context=...)`); their lengths are in the builder's metadata, so
+  nothing is read.
+  """
+  splits = load_tfds_builder(name, data_dir).info.splits
+  files_taken = [instruction.take for instruction in splits[split].file_instructions]
+  return [sum(files_taken[host::num_input_pipelines])
+          for host in range(num_input_pipelines)]

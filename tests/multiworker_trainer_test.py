@@ -136,10 +136,12 @@ class MultiWorkerTrainerTest(tf.test.TestCase):
       self.assertEqual(report["num_replicas"], NUM_WORKERS)
       self.assertEqual(report["is_chief"], i == 0)
       self.assertEqual(report["steps"], [recipe.FIRST_STEPS, recipe.TOTAL_STEPS])
+      self.assertEqual(report["input_pipelines"], NUM_WORKERS)  # one per worker
       self.assertEqual(self.processes[i].returncode, 0, self._log_tail(i))
     reference = self._report(NUM_WORKERS)
     self.assertEqual(reference["strategy"], "MirroredStrategy")
     self.assertEqual(reference["num_replicas"], NUM_WORKERS)
+    self.assertEqual(reference["input_pipelines"], 1)
     self.assertEqual(reference["steps"], [recipe.FIRST_STEPS, recipe.TOTAL_STEPS])
 
   def test_two_workers_match_one_process_with_two_replicas(self):
@@ -155,6 +157,22 @@ class MultiWorkerTrainerTest(tf.test.TestCase):
           # Measured: at most 4e-6 apart (summation order inside the collectives).
           self.assertAllClose(want, got, rtol=1e-4, atol=1e-5,
                               msg=f"worker {i}, {prefix}, weight {j}")
+
+  def test_two_workers_evaluate_every_example_like_one_process(self):
+    reference = self._report(NUM_WORKERS)
+    # One pipeline: 61 examples in 4 steps of 16, the last with 3 of padding.
+    self.assertEqual(reference["eval_steps"], 4)
+    self.assertEqual(reference["evaluation"]["images"], recipe.NUM_EVAL_EXAMPLES)
+    for i in range(NUM_WORKERS):
+      report = self._report(i)
+      # Two pipelines of 31 and 30 examples, 8 per step: 4 steps on both, both padded.
+      self.assertEqual(report["eval_steps"], 4)
+      evaluation = report["evaluation"]
+      self.assertEqual(evaluation["images"], recipe.NUM_EVAL_EXAMPLES)
+      # Top-1 is a count over the 61 examples: equal; the loss up to summation order.
+      self.assertEqual(evaluation["top1"], reference["evaluation"]["top1"])
+      self.assertAllClose(evaluation["loss"], reference["evaluation"]["loss"],
+                          rtol=1e-4, atol=1e-5)
 
   def test_only_the_chief_writes_checkpoints_into_the_model_dir(self):
     chief, other = self._report(0), self._report(1)

@@ -18,8 +18,12 @@ of its own because a test process is shared with other strategies, and tf.distri
 numbers each strategy's collective groups from 1: a 2-replica strategy's own
 all-reduce there would join an 8-replica group of an earlier test and abort.
 
+Finally every process evaluates on `NUM_EVAL_EXAMPLES` other images. No host's share
+fills its last step, so each worker pads its half and the reference the whole set, and
+all must score every image once.
+
 Each process writes the backbone weights at both points (`weights.npz`) and what it
-saw (`report.json`) under `--output`.
+saw (`report.json`, with the evaluation's steps and results) under `--output`.
 """
 
 import argparse
@@ -35,6 +39,8 @@ from tests import toy_images
 IMAGE_SIZE = 16
 NUM_CLASSES = 4
 NUM_EXAMPLES = 64
+# Split 31 + 30 over two workers, 4 steps of 8 per worker: both pad their last step.
+NUM_EVAL_EXAMPLES = 61
 GLOBAL_BATCH = 16
 FIRST_STEPS = 4
 TOTAL_STEPS = 6
@@ -51,6 +57,10 @@ def toy_examples():
   return toy_images.quadrant_images(NUM_EXAMPLES, IMAGE_SIZE, NUM_CLASSES)
 
 
+def toy_eval_examples():
+  return toy_images.quadrant_images(NUM_EVAL_EXAMPLES, IMAGE_SIZE, NUM_CLASSES, seed=1)
+
+
 def replica_slice_data_source():
   """A `DataSource` whose per-replica batches depend only on (global replica, step).
 
@@ -65,8 +75,10 @@ def replica_slice_data_source():
   the same examples at every step, each worker reading only its own shard.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top
   from training import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
   images, labels = toy_examples()
+  eval_images, eval_labels = toy_eval_examples()
 
   def make_train_dataset(input_context, start_step):
     num_replicas = input_context.num_replicas_in_sync
@@ -82,14 +94,24 @@ def replica_slice_data_source():
 
     return tf.data.Dataset.range(start_step * local, 2**40).map(batch_for)
 
-  def make_eval_dataset(input_context):
-    per_replica = input_context.get_per_replica_batch_size(GLOBAL_BATCH)
-    return tf.data.Dataset.from_tensor_slices((images, labels)).shard(
-        input_context.num_input_pipelines, input_context.input_pipeline_id).batch(
-            per_replica, drop_remainder=True)
+  def eval_steps(input_context):
+    hosts = input_context.num_input_pipelines
+    return pipeline.padded_eval_steps(
+        [len(range(host, NUM_EVAL_EXAMPLES, hosts)) for host in range(hosts)],
+        GLOBAL_BATCH)
 
-  return trainer_lib.DataSource(make_train_dataset, make_eval_dataset,
-                                NUM_EXAMPLES, NUM_EXAMPLES)
+  def make_eval_dataset(input_context):
+    hosts = input_context.num_input_pipelines
+    return pipeline.batch_with_padding(
+        tf.data.Dataset.from_tensor_slices((eval_images, eval_labels)).shard(
+            hosts, input_context.input_pipeline_id),
+        batch_size=input_context.get_per_replica_batch_size(GLOBAL_BATCH),
+        num_batches=(eval_steps(input_context)
+                     * input_context.num_replicas_in_sync // hosts))
+
+  return trainer_lib.DataSource(
+      make_train_dataset, make_eval_dataset, num_train_examples=NUM_EXAMPLES,
+      num_eval_examples=NUM_EVAL_EXAMPLES, eval_steps=eval_steps)
 
 
 def build_trainer(strategy, model_dir, *, total_steps, timeout_seconds):
@@ -210,6 +232,8 @@ def main():
     first, second, first_weights, final_weights = train_interrupted_and_resumed(
         strategy, args.model_dir, timeout_seconds=args.timeout_seconds)
     first_step = first.step
+  # After the weights are taken: evaluating averages the batch-norm statistics.
+  evaluation = second.evaluate()
 
   os.makedirs(args.output, exist_ok=True)
   np.savez(os.path.join(args.output, "weights.npz"),
@@ -226,6 +250,9 @@ def main():
                           second.checkpoint_manager.directory],
       "steps": [first_step, second.step],
       "num_weights": len(final_weights),
+      "input_pipelines": strategy_lib.input_context(strategy).num_input_pipelines,
+      "eval_steps": second.eval_steps,
+      "evaluation": evaluation,
       "seconds": time.monotonic() - start,
   }
   with open(os.path.join(args.output, "report.json"), "w") as f:

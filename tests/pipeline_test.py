@@ -16,6 +16,7 @@ from PIL import Image
 import input_pipeline
 from input_pipeline import dataset_info
 from input_pipeline import schema
+from input_pipeline import tfds_source
 
 IMAGE_SIZE = 16
 
@@ -54,6 +55,18 @@ def _write_shards(directory, num_shards, examples_per_shard, split="train",
 
 def _labels(dataset):
   return np.concatenate([labels.numpy() for _, labels in dataset])
+
+
+def _concatenated(dataset):
+  """The batches of `dataset` joined along the batch axis, per component, in NumPy."""
+  batches = list(dataset.as_numpy_iterator())
+  return [np.concatenate(component) for component in zip(*batches)], len(batches)
+
+
+def _host_context(num_hosts, host, replicas_per_host=1):
+  return tf.distribute.InputContext(num_input_pipelines=num_hosts,
+                                    input_pipeline_id=host,
+                                    num_replicas_in_sync=num_hosts * replicas_per_host)
 
 
 class SchemaTest(tf.test.TestCase):
@@ -99,6 +112,72 @@ class PipelineTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(labels.dtype, tf.int32)
     self.assertCountEqual(_labels(dataset), range(15))
     self.assertLen(_labels(self._dataset(pattern)), 12)  # drop_remainder: 3 full batches
+
+  @parameterized.parameters(tf.float32, tf.bfloat16)
+  def test_padded_eval_is_whole_batches_of_every_example_then_zeros(self, dtype):
+    pattern = _write_shards(self.get_temp_dir(), 3, 5)  # 15 examples
+    (images, labels, weights), num_batches = _concatenated(
+        self._dataset(pattern, pad_to_batches=5, dtype=dtype))
+    self.assertEqual(num_batches, 5)
+    self.assertEqual(images.shape, (20, IMAGE_SIZE, IMAGE_SIZE, 3))
+    self.assertEqual(images.dtype, dtype.as_numpy_dtype)
+    self.assertEqual(weights.dtype, np.float32)
+    self.assertAllEqual(weights, [1.0] * 15 + [0.0] * 5)
+    # The real examples are exactly the unpadded pipeline's, in its order.
+    (unpadded_images, unpadded_labels), _ = _concatenated(
+        self._dataset(pattern, drop_remainder=False, dtype=dtype))
+    self.assertAllEqual(labels[:15], unpadded_labels)
+    self.assertAllEqual(images[:15], unpadded_images)
+    self.assertAllEqual(labels[15:], np.zeros(5))
+    self.assertAllEqual(images[15:], np.zeros((5, IMAGE_SIZE, IMAGE_SIZE, 3)))
+    # ...which no real image is.
+    self.assertTrue(np.all(np.abs(images[:15].astype(np.float32)).max(axis=(1, 2, 3))
+                           > 0))
+
+  def test_padding_too_few_batches_is_an_error(self):
+    pattern = _write_shards(self.get_temp_dir(), 3, 5)  # 15 examples > 3 batches of 4
+    with self.assertRaisesRegex(tf.errors.InvalidArgumentError,
+                                "more than 3 batches of 4"):
+      list(self._dataset(pattern, pad_to_batches=3))
+    self.assertLen(list(self._dataset(pattern, pad_to_batches=4)), 4)  # 16 fit
+
+  def test_padding_is_for_evaluation_only(self):
+    pattern = _write_shards(self.get_temp_dir(), 1, 4)
+    with self.assertRaisesRegex(ValueError, "evaluation only"):
+      self._dataset(pattern, is_training=True, pad_to_batches=2)
+
+  @parameterized.named_parameters(
+      # (files, examples per file, hosts, replicas per host, per-replica batch)
+      ("files_per_host", 3, 5, 2, 2, 2, True),
+      ("uneven_hosts", 5, 3, 3, 1, 2, True),
+      ("records_per_host", 1, 7, 2, 2, 1, True),
+      ("counted_without_info", 4, 3, 2, 1, 4, False),
+      ("one_host", 2, 9, 1, 4, 2, True))
+  def test_multi_host_padded_eval_covers_every_example_once(
+      self, num_files, per_file, num_hosts, replicas_per_host, per_replica_batch,
+      with_info):
+    pattern = _write_shards(self.get_temp_dir(), num_files, per_file,
+                            write_info=with_info)
+    num_examples = num_files * per_file
+    global_batch = per_replica_batch * replicas_per_host * num_hosts
+    counts = input_pipeline.host_example_counts(pattern, num_hosts)
+    self.assertEqual(sum(counts), num_examples)
+    steps = input_pipeline.padded_eval_steps(counts, global_batch)
+    seen = []
+    for host in range(num_hosts):
+      (_, labels, weights), num_batches = _concatenated(self._dataset(
+          pattern, batch_size=per_replica_batch,
+          input_context=_host_context(num_hosts, host, replicas_per_host),
+          pad_to_batches=steps * replicas_per_host))
+      # Every host runs the same number of steps, whatever its share.
+      self.assertEqual(num_batches, steps * replicas_per_host)
+      self.assertEqual(weights.sum(), counts[host])
+      seen.append(labels[weights == 1.0])
+    # Together the hosts score every example exactly once.
+    self.assertAllEqual(np.sort(np.concatenate(seen)), np.arange(num_examples))
+    # And the steps are as few as that allows: one fewer would not hold the largest.
+    per_host_step = per_replica_batch * replicas_per_host
+    self.assertGreater(max(counts), (steps - 1) * per_host_step)
 
   def test_eval_output_is_deterministic(self):
     pattern = _write_shards(self.get_temp_dir(), 4, 6)
@@ -168,6 +247,23 @@ class PipelineTest(tf.test.TestCase, parameterized.TestCase):
       self.assertCountEqual(labels, [0, 3, 4])
     self.assertEqual(counter.count(), 4)  # two bad records in each of two passes
 
+  def test_padding_absorbs_skipped_images(self):
+    path = os.path.join(self.get_temp_dir(), "validation-00000-of-00001")
+    good = _jpeg(1)
+    with tf.io.TFRecordWriter(path) as writer:
+      for label, image_bytes in enumerate([good, b"not an image", good,
+                                           good[:len(good) // 2], good]):
+        writer.write(schema.make_example(image_bytes, label, 24, 32).SerializeToString())
+    counts = input_pipeline.host_example_counts(path, 1)
+    self.assertEqual(counts, [5])  # records, before any is found undecodable
+    steps = input_pipeline.padded_eval_steps(counts, 2)
+    counter = input_pipeline.SkippedImageCounter()
+    (_, labels, weights), num_batches = _concatenated(self._dataset(
+        path, batch_size=2, pad_to_batches=steps, skipped_image_counter=counter))
+    self.assertEqual(num_batches, 3)
+    self.assertAllEqual(labels[weights == 1.0], [0, 2, 4])
+    self.assertEqual(counter.count(), 2)
+
   def test_empty_pattern_is_named_error(self):
     pattern = os.path.join(self.get_temp_dir(), "nothing-here-*")
     with self.assertRaisesRegex(input_pipeline.DataError, "nothing-here-"):
@@ -202,6 +298,26 @@ class PipelineTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(strategy.experimental_local_results(labels)[1].shape, (4,))
 
 
+class PaddedEvalStepsTest(tf.test.TestCase, parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ("partial_last_batch", [15], 4, 4),
+      ("whole_batches_no_padding_step", [16], 4, 4),
+      ("one_over", [17], 4, 5),
+      ("longest_host", [10, 9], 8, 3),  # 4 per host and step: ceil(10 / 4)
+      ("empty_host_runs_every_step", [5, 0], 2, 5),
+      ("imagenet_one_host", [50_000], 4096, 13),  # 12 whole steps and 848
+      ("imagenet_128_hosts", [391] * 127 + [343], 4096, 13))  # 32 per host and step
+  def test_longest_host_sets_the_steps(self, counts, global_batch, expected):
+    self.assertEqual(input_pipeline.padded_eval_steps(counts, global_batch), expected)
+
+  def test_errors(self):
+    with self.assertRaisesRegex(ValueError, "does not divide over 3"):
+      input_pipeline.padded_eval_steps([4, 4, 4], 8)
+    with self.assertRaisesRegex(input_pipeline.DataError, "no examples"):
+      input_pipeline.padded_eval_steps([0, 0], 8)
+
+
 class SyntheticTest(tf.test.TestCase):
 
   def test_shapes_and_fixed_labels(self):
@@ -215,7 +331,56 @@ class SyntheticTest(tf.test.TestCase):
     self.assertAllEqual(labels, labels2)
 
 
+def _prepare_toy_tfds(data_dir, num_examples, num_shards):
+  """A tfds image-classification builder, prepared offline; labels are example ids."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds.disable_progress_bar()
+
+  class ToyEvalImages(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(24, 32, 3), encoding_format="jpeg"),
+          "label": tfds.features.ClassLabel(num_classes=num_examples)}))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {"validation": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i in range(num_examples):
+        pixels = np.random.default_rng(i).integers(0, 256, (24, 32, 3), np.uint8)
+        yield i, {"image": pixels, "label": i}
+
+  ToyEvalImages(data_dir=data_dir).download_and_prepare(
+      download_config=tfds.download.DownloadConfig(num_shards=num_shards))
+  return "toy_eval_images"
+
+
 class TfdsSourceTest(tf.test.TestCase):
+
+  def test_padded_eval_over_two_hosts_covers_every_example_once(self):
+    data_dir = self.get_temp_dir()
+    name = _prepare_toy_tfds(data_dir, num_examples=11, num_shards=3)
+    counts = tfds_source.host_example_counts(name, data_dir, "validation", 2)
+    self.assertEqual(sum(counts), 11)
+    steps = input_pipeline.padded_eval_steps(counts, 4)  # 2 hosts of 1 replica
+    self.assertEqual(steps, -(-max(counts) // 2))
+    seen = []
+    for host in range(2):
+      (images, labels, weights), num_batches = _concatenated(
+          input_pipeline.create_tfds_dataset(
+              name, data_dir, "validation", is_training=False, batch_size=2,
+              image_size=IMAGE_SIZE, input_context=_host_context(2, host),
+              pad_to_batches=steps))
+      self.assertEqual(num_batches, steps)
+      self.assertEqual(weights.sum(), counts[host])
+      self.assertAllEqual(images[weights == 0.0],
+                          np.zeros((int((weights == 0).sum()), IMAGE_SIZE,
+                                    IMAGE_SIZE, 3)))
+      seen.append(labels[weights == 1.0])
+    self.assertAllEqual(np.sort(np.concatenate(seen)), np.arange(11))
 
   def test_missing_data_dir_is_named_error(self):
     missing = os.path.join(self.get_temp_dir(), "no_tfds_here")

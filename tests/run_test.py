@@ -34,7 +34,8 @@ class TrainAndEvaluateTest(tf.test.TestCase):
         train_batch_size=32, eval_batch_size=32, bn_group_size=4, eval_every_steps=8)
     results = run_lib.train_and_evaluate(config)
 
-    # Evaluated on the drop-remainder part of the 359 validation digits.
+    # Evaluated on all 359 validation digits (12 steps of 32, the last one padded).
+    self.assertEqual(results["images"], 359)
     self.assertBetween(results["top1"], 0.0, 1.0)
     self.assertGreaterEqual(results["top5"], results["top1"])
     with open(os.path.join(model_dir, "summary.json")) as f:
@@ -57,8 +58,12 @@ class TrainAndEvaluateTest(tf.test.TestCase):
     self.assertIn("eval/top1", _scalar_tags(os.path.join(model_dir, "summaries", "eval")))
 
     # Run again with the same model dir: it resumes, finds the run finished, evaluates.
-    again = run_lib.train_and_evaluate(config)
+    with self.assertLogs("absl", level="INFO") as logs:
+      again = run_lib.train_and_evaluate(config)
     self.assertAllClose(again["top1"], results["top1"])
+    eval_lines = [line for line in logs.output if "eval at step 12" in line]
+    self.assertLen(eval_lines, 1)
+    self.assertIn("(359 images)", eval_lines[0])
 
 
 if __name__ == "__main__":

@@ -46,6 +46,14 @@ class StrategyTest(tf.test.TestCase):
     for value in strategy.experimental_local_results(replica_sum()):
       self.assertAllEqual(value, [10.0] * 8)
 
+  def test_input_context_is_the_one_dataset_functions_get(self):
+    strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(4)])
+    context = strategy_lib.input_context(strategy)
+    # One process: one input pipeline feeding all 4 replicas.
+    self.assertEqual((context.num_input_pipelines, context.input_pipeline_id,
+                      context.num_replicas_in_sync), (1, 0, 4))
+    self.assertEqual(context.get_per_replica_batch_size(32), 8)
+
   def test_fewer_devices_than_asked_is_an_error(self):
     # The runtime already started with 8 logical CPUs; 16 cannot be made any more.
     with self.assertRaisesRegex(RuntimeError, "asked for 16 logical CPUs"):

@@ -1,4 +1,5 @@
-"""The trainer on 8 logical CPU replicas: it learns, resumes exactly, sums once."""
+"""The trainer on 8 logical CPU replicas: it learns, resumes exactly, sums once, and
+evaluates every example."""
 
 import os
 import shutil
@@ -14,6 +15,7 @@ import tensorflow as tf
 import tf_keras
 
 import allreduce
+from input_pipeline import pipeline
 from resnet import group_batch_norm
 from resnet import resnet_model
 from tests import toy_images
@@ -23,11 +25,29 @@ _IMAGE_SIZE = 16
 _NUM_CLASSES = 4
 _GLOBAL_BATCH = 16
 _NUM_EXAMPLES = 64
+# Not a multiple of the global batch: the third and last evaluation step holds 13 real
+# examples and 3 of padding (on 8 replicas: one batch half padding, one all padding).
+_NUM_EVAL_EXAMPLES = 45
+_WHOLE_BATCHES_EVAL_EXAMPLES = _NUM_EVAL_EXAMPLES // _GLOBAL_BATCH * _GLOBAL_BATCH
+
+
+def _toy_eval_examples():
+  """Other quadrant images, with the labels past the last whole batch shifted by one.
+
+  The model learns quadrants, so the shifted examples are mostly misclassified: an
+  evaluation that left out the partial batch would score far higher.
+  """
+  images, labels = toy_images.quadrant_images(_NUM_EVAL_EXAMPLES, _IMAGE_SIZE,
+                                              _NUM_CLASSES, seed=1)
+  tail = slice(_WHOLE_BATCHES_EVAL_EXAMPLES, None)
+  labels[tail] = (labels[tail] + 1) % _NUM_CLASSES
+  return images, labels
 
 
 def _toy_data_source():
   images, labels = toy_images.quadrant_images(_NUM_EXAMPLES, _IMAGE_SIZE,
                                               _NUM_CLASSES)
+  eval_images, eval_labels = _toy_eval_examples()
 
   def make_train_dataset(input_context, start_step):
     per_replica = input_context.get_per_replica_batch_size(_GLOBAL_BATCH)
@@ -35,13 +55,19 @@ def _toy_data_source():
     return (tf.data.Dataset.from_tensor_slices((images, labels)).repeat()
             .skip(examples_done).batch(per_replica, drop_remainder=True))
 
-  def make_eval_dataset(input_context):
-    per_replica = input_context.get_per_replica_batch_size(_GLOBAL_BATCH)
-    return tf.data.Dataset.from_tensor_slices((images, labels)).batch(
-        per_replica, drop_remainder=True)
+  def eval_steps(input_context):
+    del input_context  # One input pipeline (MirroredStrategy).
+    return pipeline.padded_eval_steps([_NUM_EVAL_EXAMPLES], _GLOBAL_BATCH)
 
-  return trainer_lib.DataSource(make_train_dataset, make_eval_dataset,
-                                _NUM_EXAMPLES, _NUM_EXAMPLES)
+  def make_eval_dataset(input_context):
+    return pipeline.batch_with_padding(
+        tf.data.Dataset.from_tensor_slices((eval_images, eval_labels)),
+        batch_size=input_context.get_per_replica_batch_size(_GLOBAL_BATCH),
+        num_batches=eval_steps(input_context) * input_context.num_replicas_in_sync)
+
+  return trainer_lib.DataSource(
+      make_train_dataset, make_eval_dataset, num_train_examples=_NUM_EXAMPLES,
+      num_eval_examples=_NUM_EVAL_EXAMPLES, eval_steps=eval_steps)
 
 
 def _build_trainer(strategy, model_dir, *, total_steps, aggregator="torus",
@@ -75,6 +101,11 @@ def _interrupt_at_step_3(callback, batch, logs=None):
 
 def _weights(trainer):
   return [v.numpy() for v in trainer.model.backbone.weights]
+
+
+def _log_softmax(logits):
+  shifted = logits - logits.max(axis=1, keepdims=True)
+  return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
 class TrainerTest(tf.test.TestCase):
@@ -152,6 +183,25 @@ class TrainerTest(tf.test.TestCase):
     # mean, which reads back to within rounding.
     for expected, actual in zip(_weights(self.resumed), _weights(again)):
       self.assertAllClose(expected, actual, rtol=1e-6, atol=1e-7)
+
+  def test_evaluation_scores_every_example_once(self):
+    # 45 examples in 3 steps of 16 over 8 replicas, the last step partly padding.
+    self.assertEqual(self.torus.eval_steps, 3)
+    results = self.torus.evaluate()
+    # The reference: the same model (batch-norm statistics averaged by `evaluate`) on
+    # all 45 examples at once, outside the strategy, in NumPy.
+    images, labels = _toy_eval_examples()
+    logits = self.torus.model.backbone(images, training=False).numpy().astype(np.float64)
+    correct = logits.argmax(axis=1) == labels
+    losses = -_log_softmax(logits)[np.arange(len(labels)), labels]
+    self.assertEqual(results["images"], _NUM_EVAL_EXAMPLES)
+    self.assertAllClose(results["top1"], correct.mean(), rtol=0, atol=1e-6)
+    self.assertAllClose(results["loss"], losses.mean(), rtol=1e-4, atol=0)
+    # Not vacuous: the whole batches alone (what dropping the partial one scored)
+    # give another top-1 and loss.
+    whole = slice(0, _WHOLE_BATCHES_EVAL_EXAMPLES)
+    self.assertGreater(abs(correct[whole].mean() - correct.mean()), 0.1)
+    self.assertGreater(abs(losses[whole].mean() - losses.mean()), 0.1)
 
   def test_torus_and_strategy_allreduce_reach_the_same_weights(self):
     for expected, actual in zip(_weights(self.builtin), _weights(self.torus)):

@@ -70,6 +70,23 @@ def create_strategy(*, tpu=None, num_cpu_devices: int = 8,
   return tf.distribute.MirroredStrategy(devices)
 
 
+def input_context(strategy: tf.distribute.Strategy) -> tf.distribute.InputContext:
+  """The `InputContext` the strategy gives this host's dataset functions.
+
+  Taken from the strategy itself (it calls a dataset function with it) rather than
+  rebuilt from the strategy's type, so the number of input pipelines is the one every
+  pipeline sees; building the one-element dataset costs nothing.
+  """
+  contexts = []
+
+  def dataset_fn(context):
+    contexts.append(context)
+    return tf.data.Dataset.range(1)
+
+  strategy.distribute_datasets_from_function(dataset_fn)
+  return contexts[0]
+
+
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
   """True on the worker that writes checkpoints and summaries."""
   resolver = getattr(strategy, "cluster_resolver", None)

@@ -8,6 +8,7 @@ loses at most the steps since the last checkpoint.
 """
 
 import dataclasses
+import functools
 import json
 import os
 import tempfile
@@ -25,7 +26,12 @@ from training import strategy as strategy_lib
 # per-replica batches. start_step > 0 asks for the stream an uninterrupted run would be
 # reading at that step.
 TrainDatasetFn = Callable[[tf.distribute.InputContext, int], tf.data.Dataset]
+# Builds one input pipeline's evaluation dataset: exactly eval_steps(input_context) *
+# (replicas per pipeline) per-replica batches of (images, labels) or, padded to full
+# batches, (images, labels, weights) with weight 0 for padding.
 EvalDatasetFn = Callable[[tf.distribute.InputContext], tf.data.Dataset]
+# The number of evaluation steps, the same whichever pipeline's context it is given.
+EvalStepsFn = Callable[[tf.distribute.InputContext], int]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +41,7 @@ class DataSource:
   make_eval_dataset: EvalDatasetFn
   num_train_examples: int
   num_eval_examples: int
+  eval_steps: EvalStepsFn
   input_options: Optional[tf.distribute.InputOptions] = None
 
 
@@ -77,6 +84,9 @@ class ImageClassifier(tf_keras.Model):
   The loss on each replica is its examples' loss divided by the *global* batch, so the
   sum over replicas that the optimizer's gradient aggregator performs is the gradient
   of the global mean; nothing else averages (a doubled sum is the classic bug).
+
+  Evaluation batches may carry per-example weights (padding to full batches has weight
+  0); loss, top-1 and top-5 are then weighted means and "images" counts the real ones.
   """
 
   def __init__(self, backbone, *, global_batch_size, num_classes, label_smoothing=0.0,
@@ -93,10 +103,13 @@ class ImageClassifier(tf_keras.Model):
     self.top1 = tf_keras.metrics.SparseCategoricalAccuracy(name="top1")
     self.top5 = tf_keras.metrics.SparseTopKCategoricalAccuracy(
         k=min(5, num_classes), name="top5")
+    self.image_count = tf_keras.metrics.Sum(name="images")
 
   @property
   def metrics(self):
-    return [self.loss_tracker, self.top1, self.top5]
+    # Keras reports these metrics' global values only when the step returns exactly
+    # their names (otherwise it reports the first replica's), so every step updates all.
+    return [self.loss_tracker, self.top1, self.top5, self.image_count]
 
   def call(self, images, training=False):
     return self.backbone(images, training=training)
@@ -109,10 +122,14 @@ class ImageClassifier(tf_keras.Model):
                  + self.label_smoothing / self.num_classes)
     return tf.nn.softmax_cross_entropy_with_logits(targets, tf.cast(logits, tf.float32))
 
-  def _update_metrics(self, labels, logits, per_example_loss):
-    self.loss_tracker.update_state(tf.reduce_mean(per_example_loss))
-    self.top1.update_state(labels, logits)
-    self.top5.update_state(labels, logits)
+  def _update_metrics(self, labels, logits, per_example_loss, weights=None):
+    """Means over examples, weighted if `weights` are given; returns every metric."""
+    if weights is None:
+      weights = tf.ones_like(per_example_loss)
+    self.loss_tracker.update_state(per_example_loss, sample_weight=weights)
+    self.top1.update_state(labels, logits, sample_weight=weights)
+    self.top5.update_state(labels, logits, sample_weight=weights)
+    self.image_count.update_state(tf.reduce_sum(weights))
     return {m.name: m.result() for m in self.metrics}
 
   def train_step(self, data):
@@ -138,9 +155,10 @@ class ImageClassifier(tf_keras.Model):
     return self._update_metrics(labels, logits, per_example_loss)
 
   def test_step(self, data):
-    images, labels = data
+    images, labels, weights = tf_keras.utils.unpack_x_y_sample_weight(data)
     logits = self(images, training=False)
-    return self._update_metrics(labels, logits, self.per_example_loss(labels, logits))
+    return self._update_metrics(labels, logits, self.per_example_loss(labels, logits),
+                                weights)
 
 
 def average_replica_statistics(model):
@@ -300,10 +318,10 @@ class Trainer:
     return tf_keras.utils.experimental.DatasetCreator(
         self.data.make_eval_dataset, input_options=self.data.input_options)
 
-  @property
+  @functools.cached_property
   def eval_steps(self) -> int:
-    # The eval pipeline drops the last partial batch; see README ("Evaluation").
-    return max(self.data.num_eval_examples // self.eval_batch_size, 1)
+    """Steps that cover the whole evaluation set (padded; see README "Evaluation")."""
+    return self.data.eval_steps(strategy_lib.input_context(self.strategy))
 
   def _loop_segments(self, start_step):
     """Splits start_step..total_steps into `fit` calls of equal loops.
@@ -394,8 +412,7 @@ class Trainer:
     results = {k: float(v) for k, v in results.items()}
     logging.info("eval at step %d%s: top1 %.4f  top5 %.4f  loss %.4f  (%d images)",
                  self.step, " (weight average)" if average is not None else "",
-                 results["top1"], results["top5"], results["loss"],
-                 self.eval_steps * self.eval_batch_size)
+                 results["top1"], results["top5"], results["loss"], results["images"])
     if self.is_chief:
       writer = tf.summary.create_file_writer(
           os.path.join(self.model_dir, "summaries", "eval"))

@@ -1,6 +1,7 @@
 """The trainer on 8 logical CPU replicas: it learns, resumes exactly, sums once, and
 evaluates every example."""
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -202,6 +203,21 @@ class TrainerTest(tf.test.TestCase):
     whole = slice(0, _WHOLE_BATCHES_EVAL_EXAMPLES)
     self.assertGreater(abs(correct[whole].mean() - correct.mean()), 0.1)
     self.assertGreater(abs(losses[whole].mean() - losses.mean()), 0.1)
+
+  def test_evaluation_warns_when_it_scores_fewer_images_than_expected(self):
+    # As when dataset_info.json undercounts the shards: the padded stream holds 45
+    # real examples, the data source promised 46.
+    original = self.torus.data
+    self.torus.data = dataclasses.replace(original,
+                                          num_eval_examples=_NUM_EVAL_EXAMPLES + 1)
+    try:
+      with self.assertLogs("absl", level="WARNING") as logs:
+        results = self.torus.evaluate()
+    finally:
+      self.torus.data = original
+    self.assertEqual(results["images"], _NUM_EVAL_EXAMPLES)
+    self.assertIn("Evaluated 45 images, but the evaluation set has 46",
+                  "\n".join(logs.output))
 
   def test_torus_and_strategy_allreduce_reach_the_same_weights(self):
     for expected, actual in zip(_weights(self.builtin), _weights(self.torus)):

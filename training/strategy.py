@@ -12,6 +12,7 @@ so `num_cpu_devices` does not apply there: the replica count is the worker count
 
 import json
 import os
+from typing import Optional
 
 import tensorflow as tf
 from absl import logging
@@ -70,12 +71,15 @@ def create_strategy(*, tpu=None, num_cpu_devices: int = 8,
   return tf.distribute.MirroredStrategy(devices)
 
 
-def input_context(strategy: tf.distribute.Strategy) -> tf.distribute.InputContext:
+def input_context(strategy: tf.distribute.Strategy,
+                  options: Optional[tf.distribute.InputOptions] = None
+                  ) -> tf.distribute.InputContext:
   """The `InputContext` the strategy gives this host's dataset functions.
 
-  Taken from the strategy itself (it calls a dataset function with it) rather than
-  rebuilt from the strategy's type, so the number of input pipelines is the one every
-  pipeline sees; building the one-element dataset costs nothing.
+  Taken from the strategy itself (it calls a dataset function with it; `options` as the
+  real datasets are distributed with, since the replication mode changes the context)
+  rather than rebuilt from the strategy's type, so the number of input pipelines is the
+  one every pipeline sees. It builds a one-element dataset per host and nothing else.
   """
   contexts = []
 
@@ -83,7 +87,7 @@ def input_context(strategy: tf.distribute.Strategy) -> tf.distribute.InputContex
     contexts.append(context)
     return tf.data.Dataset.range(1)
 
-  strategy.distribute_datasets_from_function(dataset_fn)
+  strategy.distribute_datasets_from_function(dataset_fn, options)
   return contexts[0]
 
 

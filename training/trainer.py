@@ -107,8 +107,8 @@ class ImageClassifier(tf_keras.Model):
 
   @property
   def metrics(self):
-    # Keras reports these metrics' global values only when the step returns exactly
-    # their names (otherwise it reports the first replica's), so every step updates all.
+    # Keras takes a loop's logs from these metrics (summed over replicas) only when the
+    # step returns exactly their names, so every step, training too, updates all four.
     return [self.loss_tracker, self.top1, self.top5, self.image_count]
 
   def call(self, images, training=False):
@@ -321,7 +321,8 @@ class Trainer:
   @functools.cached_property
   def eval_steps(self) -> int:
     """Steps that cover the whole evaluation set (padded; see README "Evaluation")."""
-    return self.data.eval_steps(strategy_lib.input_context(self.strategy))
+    return self.data.eval_steps(
+        strategy_lib.input_context(self.strategy, self.data.input_options))
 
   def _loop_segments(self, start_step):
     """Splits start_step..total_steps into `fit` calls of equal loops.
@@ -413,6 +414,12 @@ class Trainer:
     logging.info("eval at step %d%s: top1 %.4f  top5 %.4f  loss %.4f  (%d images)",
                  self.step, " (weight average)" if average is not None else "",
                  results["top1"], results["top5"], results["loss"], results["images"])
+    if int(results["images"]) != self.data.num_eval_examples:
+      logging.warning(
+          "Evaluated %d images, but the evaluation set has %d: undecodable images "
+          "(logged above as skipped) are left out; otherwise dataset_info.json next to "
+          "the shards is out of date (rewrite it with input_pipeline.write_tfrecords).",
+          int(results["images"]), self.data.num_eval_examples)
     if self.is_chief:
       writer = tf.summary.create_file_writer(
           os.path.join(self.model_dir, "summaries", "eval"))

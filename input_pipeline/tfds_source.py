@@ -94,14 +94,13 @@ def create_tfds_dataset(
       skipped_image_counter=skipped_image_counter or pipeline.SkippedImageCounter())
 
 
-def host_example_counts(name, data_dir, split, num_input_pipelines):
+def host_example_counts(split_info, num_input_pipelines):
   """Examples each input pipeline reads of a tfds split, by pipeline id.
 
   tfds gives host i of n the files i, i + n, ... of the split
-  (`ReadConfig(input_context=...)`); their lengths are in the builder's metadata, so
-  nothing is read.
+  (`ReadConfig(input_context=...)`); their lengths are in the split's metadata
+  (`builder.info.splits[split]`, already loaded by the caller), so nothing is read.
   """
-  splits = load_tfds_builder(name, data_dir).info.splits
-  files_taken = [instruction.take for instruction in splits[split].file_instructions]
+  files_taken = [instruction.take for instruction in split_info.file_instructions]
   return [sum(files_taken[host::num_input_pipelines])
           for host in range(num_input_pipelines)]

@@ -371,7 +371,8 @@ class TfdsSourceTest(tf.test.TestCase):
   def test_padded_eval_over_two_hosts_covers_every_example_once(self):
     data_dir = self.get_temp_dir()
     name = _prepare_toy_tfds(data_dir, num_examples=11, num_shards=3)
-    counts = tfds_source.host_example_counts(name, data_dir, "validation", 2)
+    split_info = tfds_source.load_tfds_builder(name, data_dir).info.splits["validation"]
+    counts = tfds_source.host_example_counts(split_info, 2)
     self.assertEqual(sum(counts), 11)
     steps = input_pipeline.padded_eval_steps(counts, 4)  # 2 hosts of 1 replica
     # Files of 4, 3 and 4 examples: host 0 reads files 0 and 2, host 1 file 1.

@@ -104,8 +104,8 @@ def _tfds_source(config):
                                          start_step))
 
   eval_steps = _padded_eval_steps_fn(
-      functools.partial(tfds_source.host_example_counts, name, config.data_dir,
-                        eval_split), config.eval_batch_size)
+      functools.partial(tfds_source.host_example_counts, splits[eval_split]),
+      config.eval_batch_size)
 
   def make_eval_dataset(input_context):
     return input_pipeline.create_tfds_dataset(

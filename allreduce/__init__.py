@@ -8,6 +8,7 @@ from allreduce.topology import TopologyError
 from allreduce.topology import TorusTopology
 from allreduce.topology import most_square_grid
 from allreduce.topology import parse_grid
+from allreduce.topology import replica_coordinates
 from allreduce.torus_aggregator import DEFAULT_PACK_SIZE_BYTES
 from allreduce.torus_aggregator import TorusGradientAggregator
 from allreduce.torus_aggregator import make_torus_aggregator

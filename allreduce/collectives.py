@@ -3,8 +3,9 @@
 Layers (grouped batch norm) and the gradient aggregator call a `CollectiveSeam`, never
 raw collective ops, so the same model code runs on two back ends:
 
-* `TpuCollectiveSeam`: `CrossReplicaSum` and `AllToAll` with a `group_assignment`
-  constant, the ops XLA turns into interconnect collectives on a TPU pod.
+* `TpuCollectiveSeam`: `CrossReplicaSum`, `XlaReduceScatter` and `CollectivePermute`
+  with a `group_assignment` (or source-target) constant, the ops XLA turns into
+  interconnect collectives on a TPU pod.
 * `CollectiveOpsSeam`: TensorFlow's collective ops (`CollectiveReduceV2`,
   `CollectiveAllToAllV2`, `CollectiveGatherV2`) for CPU, GPU and multi-worker
   strategies, with one group key per group of replicas.
@@ -44,8 +45,10 @@ class CollectiveRecord:
 
   Attributes:
     kind: what the op does for the caller: "all_reduce", "all_to_all" (the exchange
-      of a reduce-scatter) or "all_gather".
-    op: the raw TensorFlow op issued (e.g. "CollectiveAllToAllV2", "AllToAll").
+      of a reduce-scatter built from an all-to-all), "reduce_scatter" (a native one)
+      or "all_gather".
+    op: the raw TensorFlow op issued (e.g. "CollectiveAllToAllV2",
+      "XlaReduceScatter").
     replica_id: the issuing replica, or None where it is unknown at trace time (TPU:
       one trace serves every replica).
     group: the replica ids of the issuing replica's group, in the caller's order
@@ -56,6 +59,8 @@ class CollectiveRecord:
       then the sizes below are None too.
     dtype: the payload's dtype name.
     element_bytes: bytes per payload element.
+    num_ops: raw ops the call issued (the TPU all-gather is a chain of
+      `CollectivePermute`s, 2 (g - 1) of them; everything else is one op).
   """
   kind: str
   op: str
@@ -64,6 +69,7 @@ class CollectiveRecord:
   shape: Optional[Tuple[Optional[int], ...]]
   dtype: str
   element_bytes: int
+  num_ops: int = 1
 
   @property
   def group_size(self) -> int:
@@ -87,7 +93,9 @@ class CollectiveRecord:
   def bytes_sent(self) -> Optional[int]:
     """Bytes this replica must send for the op, whatever the schedule:
 
-    * all_to_all: its g - 1 chunks of n / g that belong to the other members;
+    * all_to_all and reduce_scatter: g - 1 chunks of n / g (an all-to-all sends
+      the chunks that belong to the other members; a ring reduce-scatter forwards
+      g - 1 partial sums of a chunk, one per step);
     * all_gather: its piece to each of the g - 1 others (a ring forwards g - 1 pieces);
     * all_reduce: 2 (g - 1) chunks of ceil(n / g), the ring algorithm's
       reduce-scatter and all-gather halves (TensorFlow's RING implementation and the
@@ -96,7 +104,7 @@ class CollectiveRecord:
     g, n, b = self.group_size, self.num_elements, self.element_bytes
     if n is None:
       return None
-    if self.kind == "all_to_all":
+    if self.kind in ("all_to_all", "reduce_scatter"):
       return (g - 1) * (n // g) * b
     if self.kind == "all_gather":
       return (g - 1) * n * b
@@ -137,14 +145,14 @@ def record_collectives(log: Optional[CollectiveLog] = None):
       _ACTIVE_LOGS.remove(log)
 
 
-def _record(kind, op, replica_id, group, value):
+def _record(kind, op, replica_id, group, value, num_ops=1):
   """Adds one issued op to the active logs (callers check `_ACTIVE_LOGS` first)."""
   value = tf.convert_to_tensor(value)
   record = CollectiveRecord(
       kind=kind, op=op, replica_id=replica_id, group=tuple(int(r) for r in group),
       shape=None if value.shape.rank is None else tuple(value.shape.as_list()),
       dtype=value.dtype.name,
-      element_bytes=value.dtype.size)
+      element_bytes=value.dtype.size, num_ops=num_ops)
   with _LOGS_LOCK:
     for log in _ACTIVE_LOGS:
       log.records.append(record)
@@ -236,15 +244,61 @@ def _replica_context():
   return context
 
 
-class TpuCollectiveSeam(CollectiveSeam):
-  """TPU back end: XLA's grouped cross-replica ops.
+def _xla_reduce_scatter(value, group_assignment, scatter_dimension, reduce_op):
+  """`XlaReduceScatter`, which TF 2.20 does not list in `tf.raw_ops`.
 
-  Ranks are positions in the `group_assignment` lists, as XLA defines them, so no
-  replica id is needed at trace time (on TPU it is only known when the program runs).
-  Reduce-scatter is an `AllToAll` (chunk r goes to rank r) followed by a local sum of
-  the received chunks: each replica sends and receives (n-1)/n of its buffer, what a
-  reduce-scatter ring moves. All-gather is an `AllToAll` of the value repeated n times:
-  each rank receives every rank's copy, again (n-1)/n of the output per replica.
+  Its generated wrapper lives in `tensorflow.compiler.tf2xla.ops.gen_xla_ops`, a
+  module path TensorFlow does not promise to keep; this is the one place that
+  imports it (tests/collectives_test.py traces it, so a move fails loudly).
+  """
+  from tensorflow.compiler.tf2xla.ops import gen_xla_ops  # pylint: disable=g-import-not-at-top
+  return gen_xla_ops.xla_reduce_scatter(
+      input=value, group_assignment=group_assignment,
+      scatter_dimension=scatter_dimension, reduce_op=reduce_op)
+
+
+def ring_pairs(groups: Sequence[Sequence[int]], step: int) -> List[List[int]]:
+  """`[source, target]` pairs sending to the member `step` places on in each group."""
+  pairs = []
+  for group in groups:
+    g = len(group)
+    pairs.extend([group[i], group[(i + step) % g]] for i in range(g))
+  return pairs
+
+
+def rank_table(groups: Sequence[Sequence[int]]) -> List[int]:
+  """`table[replica_id]`: the replica's rank (position) in its group."""
+  table = [0] * sum(len(group) for group in groups)
+  for group in groups:
+    for rank, replica in enumerate(group):
+      table[replica] = rank
+  return table
+
+
+class TpuCollectiveSeam(CollectiveSeam):
+  """TPU back end: XLA's grouped cross-replica ops, chosen for ring bandwidth.
+
+  Ranks are positions in the `group_assignment` lists, as XLA defines them, so the
+  groups' order must be the physical ring order (`TorusTopology` rows and columns
+  are, when built from the chips' coordinates). Per replica, for a payload of n
+  bytes over a group of g (the costs `allreduce/cost_model.py` prices):
+
+  * all-reduce: `CrossReplicaSum`, the interconnect's ring all-reduce,
+    2 (g - 1) n / g sent.
+  * reduce-scatter: `XlaReduceScatter` (XLA ReduceScatter): (g - 1) n / g sent, the
+    ring optimum. The `AllToAll` it replaces sends the same bytes, but straight to
+    each destination: on a ring a chunk crosses up to g / 2 links, so the busiest
+    link carries about g^2 / 8 chunks instead of (g - 1) / 2.
+  * all-gather: TF 2.20 has no all-gather op for TPU (no `XlaAllGather`; the
+    strategy's own `all_gather` sums a zero-padded buffer with `CrossReplicaSum`,
+    which sends 2 (g - 1) n, twice the optimum). Here it is the ring itself: g - 1
+    steps of `CollectivePermute`, each replica forwarding what it received last, half
+    of every piece going each way round so both directions of every link carry
+    data: (g - 1) n sent, every step one hop between ring neighbours.
+
+  The all-gather places the pieces by the replica's rank, which on TPU is known only
+  when the program runs (`replica_id_in_sync_group` is a tensor there): it is read
+  from a constant table indexed by the replica id.
   """
 
   def _groups(self, group_assignment):
@@ -252,12 +306,13 @@ class TpuCollectiveSeam(CollectiveSeam):
                                   _replica_context().num_replicas_in_sync)
 
   @staticmethod
-  def _record(kind, op, groups, value):
+  def _record(kind, op, groups, value, num_ops=1):
     replica_id = tf.get_static_value(_replica_context().replica_id_in_sync_group)
     if replica_id is None:
-      _record(kind, op, None, groups[0], value)
+      _record(kind, op, None, groups[0], value, num_ops)
     else:
-      _record(kind, op, int(replica_id), group_of(groups, int(replica_id)), value)
+      _record(kind, op, int(replica_id), group_of(groups, int(replica_id)), value,
+              num_ops)
 
   def all_reduce_sum(self, value, group_assignment):
     groups = self._groups(group_assignment)
@@ -271,28 +326,58 @@ class TpuCollectiveSeam(CollectiveSeam):
   def reduce_scatter_sum(self, value, group_assignment):
     groups = self._groups(group_assignment)
     group_size = len(groups[0])
-    chunks = split_for_group(value, group_size)
+    value = tf.convert_to_tensor(value)
+    split_for_group(value, group_size)  # checks rank and divisibility
     if group_size == 1:
-      return tf.reshape(chunks, [-1])
+      return tf.identity(value)
     if _ACTIVE_LOGS:
-      self._record("all_to_all", "AllToAll", groups, value)
-    received = tf.raw_ops.AllToAll(
-        input=chunks, group_assignment=tf.constant(groups, tf.int32),
-        concat_dimension=0, split_dimension=0, split_count=group_size)
-    return sum_received_chunks(received)
+      self._record("reduce_scatter", "XlaReduceScatter", groups, value)
+    shard = _xla_reduce_scatter(
+        value, group_assignment=tf.constant(groups, tf.int32),
+        scatter_dimension=tf.constant(0, tf.int32), reduce_op="Add")
+    if value.shape[0] is not None:
+      shard = tf.ensure_shape(shard, [value.shape[0] // group_size])
+    return shard
 
   def all_gather(self, value, group_assignment):
+    value = tf.convert_to_tensor(value)
     _check_gatherable(value)
     groups = self._groups(group_assignment)
     group_size = len(groups[0])
     if group_size == 1:
       return tf.identity(value)
+    if not value.shape.is_fully_defined():
+      raise ValueError("the TPU all_gather needs a static shape (XLA compiles every "
+                       f"shape), got {value.shape}")
     if _ACTIVE_LOGS:
-      self._record("all_gather", "AllToAll", groups, value)
-    repeated = tf.tile(value, [group_size] + [1] * (value.shape.rank - 1))
-    return tf.raw_ops.AllToAll(
-        input=repeated, group_assignment=tf.constant(groups, tf.int32),
-        concat_dimension=0, split_dimension=0, split_count=group_size)
+      self._record("all_gather", "CollectivePermute", groups, value,
+                   num_ops=2 * (group_size - 1))
+    num_elements = value.shape.num_elements()
+    half = (num_elements + 1) // 2
+    flat = tf.pad(tf.reshape(value, [-1]), [[0, 2 * half - num_elements]])
+    # Half of every piece travels forward round the ring, half backward.
+    forward = self._ring_pass(flat[:half], groups, +1)
+    backward = self._ring_pass(flat[half:], groups, -1)
+    rank = tf.gather(tf.constant(rank_table(groups), tf.int32),
+                     _replica_context().replica_id_in_sync_group)
+    offsets = tf.range(group_size, dtype=tf.int32)
+    # forward[s] came from rank (rank - s), backward[s] from rank (rank + s).
+    forward = tf.gather(forward, tf.math.floormod(rank - offsets, group_size))
+    backward = tf.gather(backward, tf.math.floormod(offsets - rank, group_size))
+    pieces = tf.concat([forward, backward], axis=1)[:, :num_elements]
+    return tf.reshape(pieces,
+                      [group_size * value.shape[0]] + value.shape.as_list()[1:])
+
+  @staticmethod
+  def _ring_pass(piece, groups, direction):
+    """`[g, len]`: row s is the piece of the member s places before this one along
+    `direction` (+1: forward round each group's list, -1: backward)."""
+    pairs = tf.constant(ring_pairs(groups, direction), tf.int32)
+    received = [piece]
+    for _ in range(len(groups[0]) - 1):
+      received.append(tf.raw_ops.CollectivePermute(
+          input=received[-1], source_target_pairs=pairs))
+    return tf.stack(received)
 
 
 class _CollectiveKeys:
@@ -457,14 +542,28 @@ def _replica_device(context) -> str:
   return devices[local_id]
 
 
+def _on_gpus(strategy) -> bool:
+  """Whether every replica of `strategy` runs on a GPU."""
+  try:
+    devices = strategy.extended.worker_devices
+  except (RuntimeError, NotImplementedError):
+    return False  # The default strategy: one replica, no collectives to tune.
+  return bool(devices) and all(
+      tf.DeviceSpec.from_string(d).device_type == "GPU" for d in devices)
+
+
 def seam_for_strategy(strategy=None, *, timeout_seconds: float = 0.0) -> CollectiveSeam:
   """The seam for `strategy` (default: the current one).
 
-  `TPUStrategy` gets the TPU back end; everything else the collective-ops back end.
+  `TPUStrategy` gets the TPU back end; everything else the collective-ops back end,
+  with NCCL when every replica is a GPU.
   Constructing a seam is cheap: all state (keys, tokens) is shared process-wide.
   """
   strategy = strategy or tf.distribute.get_strategy()
   if isinstance(strategy, (tf.distribute.TPUStrategy,
                            tf.distribute.experimental.TPUStrategy)):
     return TpuCollectiveSeam()
-  return CollectiveOpsSeam(timeout_seconds=timeout_seconds)
+  # GPU replicas: NCCL moves the bytes GPU to GPU; "auto" may pick the ring over the
+  # host.
+  return CollectiveOpsSeam(timeout_seconds=timeout_seconds,
+                           communication_hint="nccl" if _on_gpus(strategy) else "auto")

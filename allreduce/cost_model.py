@@ -18,15 +18,33 @@ Two schedules are counted for every phase:
   * `ring_steps`: the latency steps of the textbook ring schedule (what a TPU's
     interconnect executes, one neighbour hop per step);
   * `collective_calls`: the collective ops each replica issues in *this* repo's
-    implementation (allreduce/torus_aggregator.py): on CPU the reduce-scatter is one
-    `CollectiveAllToAllV2` plus a local sum, the y all-reduce one
-    `CollectiveReduceV2`, the all-gather one `CollectiveGatherV2`.
+    implementation (allreduce/torus_aggregator.py), per back end (`backend=`):
+    - "collective_ops" (CPU/GPU): the reduce-scatter is one `CollectiveAllToAllV2`
+      plus a local sum, the y all-reduce one `CollectiveReduceV2`, the all-gather
+      one `CollectiveGatherV2`;
+    - "tpu": the reduce-scatter is one `XlaReduceScatter`, the y all-reduce one
+      `CrossReplicaSum`, the all-gather 2 (x - 1) `CollectivePermute`s, the ring
+      itself (x - 1 steps, half of each piece each way round).
 `payload_bytes` is the size of the tensor each replica hands to that collective (what
 instrumenting the implementation records) and `bytes_sent` is what each replica puts
 on the wire in the phase. For the reduce-scatter the two schedules send the same
 bytes: a ring sends (x - 1) chunks of n/x, an all-to-all sends its (x - 1) other
 chunks of n/x directly. A group of one replica needs no collective: its phase counts
 zero calls, steps and bytes.
+
+Why these TPU ops (bytes on the busiest link of a bidirectional ring of g chips, for a
+piece of d bytes per member, which is what `bytes_sent / ring_bandwidth` prices):
+  * ring reduce-scatter or all-gather: (g - 1) d / 2, the optimum;
+  * `AllToAll` (the previous TPU reduce-scatter and all-gather): every chunk goes
+    straight to its destination, up to g / 2 hops away, so the busiest link carries
+    about g^2 d / 8: equal at g = 2, 1.3x at g = 4, 8x at the pod's g = 32;
+  * `CrossReplicaSum` of a zero-padded g * d buffer as an all-gather (what TF's own
+    `TPUStrategy.all_gather` does; TF 2.20 has no TPU all-gather op): (g - 1) d,
+    2x the optimum and 2(g - 1) steps instead of g - 1.
+So the reduce-scatter is XLA's own (`XlaReduceScatter`) and the all-gather is built
+from neighbour-to-neighbour `CollectivePermute`s, both at the ring optimum that the
+counts below assume; the permute ring pays one op launch per step, which is folded
+into the per-step latency.
 
 Everything here is plain Python so the counts can be compared with `==` against the
 instrumented implementation (`as_dict()`).
@@ -54,8 +72,8 @@ class PhaseCounts:
 
   Attributes:
     name: "reduce_scatter_x", "all_reduce_y", "all_gather_x" or "all_reduce".
-    collective: the op the implementation issues: "all_to_all", "all_reduce" or
-      "all_gather".
+    collective: what the implementation's op does: "all_to_all" (CPU/GPU
+      reduce-scatter), "reduce_scatter" (TPU), "all_reduce" or "all_gather".
     group_size: replicas in each group (ring) of this phase.
     num_groups: groups that run this phase side by side.
     collective_calls: collective ops each replica issues (0 for a group of one).
@@ -159,31 +177,42 @@ def ring_allreduce_counts(num_replicas: int, num_bytes: int,
                          (phase,))
 
 
+BACKENDS = ("collective_ops", "tpu")
+
+
 def torus_allreduce_counts(x_size: int, y_size: int, num_bytes: int,
-                           element_bytes: int = FLOAT32_BYTES) -> AllReduceCounts:
-  """The 2-D all-reduce on an `x_size` by `y_size` grid.
+                           element_bytes: int = FLOAT32_BYTES,
+                           backend: str = "collective_ops") -> AllReduceCounts:
+  """The 2-D all-reduce on an `x_size` by `y_size` grid, as `backend` issues it.
 
   The buffer is padded to a multiple of `x_size` elements and cut into `x_size`
   shards of s = ceil(n / x) elements:
     1. reduce-scatter along x (rows of x): x - 1 ring steps, (x - 1) * s sent; the
-       implementation issues one all-to-all of the padded buffer.
+       implementation issues one all-to-all (collective_ops) or one XLA
+       reduce-scatter (tpu) of the padded buffer.
     2. all-reduce of the one summed shard along y (columns of y): 2(y - 1) steps of
        ceil(s / y) elements.
-    3. all-gather along x: x - 1 steps, (x - 1) * s sent; one gather of the shard.
+    3. all-gather along x: x - 1 steps, (x - 1) * s sent; one gather of the shard
+       (collective_ops) or 2 (x - 1) neighbour permutes of half a shard (tpu).
+  Bytes and steps are the same on both back ends; only the ops issued differ.
   """
+  if backend not in BACKENDS:
+    raise CostModelError(f"backend must be one of {BACKENDS}, got {backend!r}")
   if x_size < 1 or y_size < 1:
     raise CostModelError(f"grid sides must be positive, got {x_size}x{y_size}")
   num_elements = _check_payload(num_bytes, element_bytes)
   shard = _chunk_elements(num_elements, x_size)
   shard_bytes = shard * element_bytes
+  scatter_kind = "reduce_scatter" if backend == "tpu" else "all_to_all"
   if x_size == 1:
-    scatter = PhaseCounts("reduce_scatter_x", "all_to_all", 1, y_size, 0, 0, 0, 0)
+    scatter = PhaseCounts("reduce_scatter_x", scatter_kind, 1, y_size, 0, 0, 0, 0)
     gather = PhaseCounts("all_gather_x", "all_gather", 1, y_size, 0, 0, 0, 0)
   else:
     sent = (x_size - 1) * shard_bytes
-    scatter = PhaseCounts("reduce_scatter_x", "all_to_all", x_size, y_size, 1,
+    gather_calls = 2 * (x_size - 1) if backend == "tpu" else 1
+    scatter = PhaseCounts("reduce_scatter_x", scatter_kind, x_size, y_size, 1,
                           x_size - 1, x_size * shard_bytes, sent)
-    gather = PhaseCounts("all_gather_x", "all_gather", x_size, y_size, 1,
+    gather = PhaseCounts("all_gather_x", "all_gather", x_size, y_size, gather_calls,
                          x_size - 1, shard_bytes, sent)
   reduce_y = _ring_all_reduce_phase("all_reduce_y", y_size, x_size, shard,
                                     element_bytes)

@@ -9,6 +9,32 @@ so the same lists are printed, tested here and used on every back end.
 Convention: a grid `(x_size, y_size)` numbers replicas x-fastest,
 `replica_id = y * x_size + x`. Replicas that differ only in x form a *row* (the x ring),
 replicas that differ only in y form a *column* (the y ring).
+
+On TPU the grid follows the chips (`TorusTopology.from_physical_coordinates`). TF
+reports every TPU core's place as `(x, y, z, core)` (`tf.tpu.experimental.Topology`:
+`device_coordinates[task][device]`), and a `DeviceAssignment` says which core each
+replica runs on. The 2-D algorithm needs rows that are physical rings and columns that
+are physical rings, so the physical axes are folded onto the grid's two:
+
+* grid x = (chip x, core): the cores of one chip sit next to each other
+  (x' = x * cores_per_chip + core). v2/v3 chips hold two TensorCores, each a replica;
+  the step between them is on-chip, the step from core 1 of chip x to core 0 of chip
+  x + 1 is one ICI hop, so a row is a chain of one-hop steps, and batch-norm groups of
+  2 are exactly one chip.
+* grid y = (chip y, chip z), walked as a closed ring over the y-z plane: v4 and v5p
+  are 3-D tori, and the 2-D algorithm's second phase runs on the y-z planes. With one
+  of y, z even the walk is the comb that TF's own `_ring_3d` uses for a plane (along z
+  on even y, back on odd y, home along z = 0), so every step *and* the closing step are
+  one hop without any wraparound link; with y or z of size 1 (v2/v3/v5e, flat) it is
+  the line along the other. The alternative, x * z for rows and y for columns, puts
+  the fold in the phase that moves the most bytes (the reduce-scatter and all-gather
+  move (x-1)/x of the buffer, the column all-reduce only 1/x of it), so z goes with y.
+
+Rows close their ring (last member back to the first) in one hop only when the
+physical x axis wraps around, which TPU slices have on full-size torus dimensions only
+(a whole v2/v3 pod, v4/v5p dimensions of the full cube); elsewhere the closing step
+travels back along the row over links the ring's forward direction leaves idle, which
+costs latency but no extra bandwidth per link.
 """
 
 import dataclasses
@@ -42,6 +68,55 @@ def parse_grid(text: str) -> Tuple[int, int]:
     raise TopologyError(
         f"a grid is written XxY with positive integers, e.g. 2x4; got {text!r}")
   return int(parts[0]), int(parts[1])
+
+
+def _four_axes(coordinate: Sequence[int]) -> Tuple[int, int, int, int]:
+  values = [int(v) for v in coordinate]
+  if not 2 <= len(values) <= 4:
+    raise TopologyError(
+        f"a physical coordinate is (x, y), (x, y, z) or (x, y, z, core), got "
+        f"{tuple(coordinate)}")
+  return tuple(values + [0] * (4 - len(values)))
+
+
+def yz_plane_ring(y_size: int, z_size: int) -> List[Tuple[int, int]]:
+  """Every (y, z) of a y_size by z_size plane, each one hop from the one before.
+
+  With both sides above 1 and one of them even the walk is closed (the last place is
+  one hop from the first) without wraparound links: along the other side and back on
+  each line of the even side in turn (a comb that leaves out the first place of
+  every line), then home along those first places. With a side of 1 it is the line
+  along the other; with both sides odd, a boustrophedon (open; TPU slices have
+  power-of-two sides, so this is for completeness).
+  """
+  if y_size == 1 or z_size == 1:
+    return [(y, z) for y in range(y_size) for z in range(z_size)]
+  if y_size % 2 and z_size % 2:
+    return [(y, z if y % 2 == 0 else z_size - 1 - z)
+            for y in range(y_size) for z in range(z_size)]
+  # Comb over (a, b) with a of even size: a = y when y_size is even, else a = z.
+  a_size, b_size = (y_size, z_size) if y_size % 2 == 0 else (z_size, y_size)
+  walk = [(0, 0)]
+  for a in range(a_size):
+    bs = range(1, b_size) if a % 2 == 0 else range(b_size - 1, 0, -1)
+    walk.extend((a, b) for b in bs)
+  walk.extend((a, 0) for a in range(a_size - 1, 0, -1))
+  if y_size % 2 == 0:
+    return walk
+  return [(b, a) for a, b in walk]
+
+
+def replica_coordinates(device_coordinates, replica_devices
+                        ) -> List[Tuple[int, int, int, int]]:
+  """Each replica's `(x, y, z, core)`, from TF's per-device table.
+
+  `device_coordinates[task][device]` is a TPU device's `(x, y, z, core)`, the layout
+  of `tf.tpu.experimental.Topology.device_coordinates` (nested lists or a NumPy
+  array); `replica_devices[r]` is the `(task, device)` replica r runs on (its only
+  core when a replica is one core, as in data-parallel training).
+  """
+  return [_four_axes(device_coordinates[task][device])
+          for task, device in replica_devices]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,28 +156,55 @@ class TorusTopology:
     return cls(x_size, y_size)
 
   @classmethod
-  def from_physical_coordinates(cls, coordinates: Sequence[Sequence[int]]):
-    """A grid that follows physical chip coordinates.
+  def from_physical_coordinates(cls, coordinates: Sequence[Sequence[int]],
+                                shape: Sequence[int] = None):
+    """A grid whose rows and columns are physical rings (see the module docstring).
 
-    `coordinates[r]` is replica r's `(x, y)` (or `(x, y, z, ...)` with the rest zero)
-    position on the interconnect, as a TPU device assignment reports it. The grid's
-    sides are the ranges of x and y, and grid position (x, y) holds the replica found
-    there, so rows and columns are physical rings.
+    `coordinates[r]` is replica r's physical place, `(x, y)`, `(x, y, z)` or
+    `(x, y, z, core)` as a TPU device assignment reports it (missing axes are 0). Only
+    the order of the values on each axis matters, so a slice's offset within the pod
+    does not. The result is `x_chips * cores` by `y_chips * z_chips`; `shape` may ask
+    for that grid or its transpose (rows along the y-z ring), nothing else, since any
+    other shape would make some rows or columns jump across the slice.
     """
-    points = [tuple(int(v) for v in c[:2]) for c in coordinates]
-    if any(any(int(v) for v in c[2:]) for c in coordinates):
-      raise TopologyError("only flat (z = 0) physical layouts map onto a 2-D grid")
-    xs = sorted({p[0] for p in points})
-    ys = sorted({p[1] for p in points})
-    if len(xs) * len(ys) != len(points) or len(set(points)) != len(points):
+    points = [_four_axes(c) for c in coordinates]
+    if len(set(points)) != len(points):
+      raise TopologyError(f"physical coordinates repeat a place: {points}")
+    axes = [sorted({p[axis] for p in points}) for axis in range(4)]
+    sizes = [len(values) for values in axes]
+    if math.prod(sizes) != len(points):
       raise TopologyError(
-          f"physical coordinates do not form a full grid: {points}")
-    x_index = {x: i for i, x in enumerate(xs)}
-    y_index = {y: i for i, y in enumerate(ys)}
+          "physical coordinates do not form a full grid: "
+          f"{sizes[0]}x{sizes[1]}x{sizes[2]} chips with {sizes[3]} core(s) each "
+          f"would be {math.prod(sizes)} places, got {len(points)}: {points}")
+    index = [{value: i for i, value in enumerate(values)} for values in axes]
+    x_size, cores = sizes[0], sizes[3]
+    plane_ring = yz_plane_ring(sizes[1], sizes[2])
+    column_position = {yz: i for i, yz in enumerate(plane_ring)}
+    grid_x_size, grid_y_size = x_size * cores, len(plane_ring)
     order = [0] * len(points)
-    for replica, (x, y) in enumerate(points):
-      order[y_index[y] * len(xs) + x_index[x]] = replica
-    return cls(len(xs), len(ys), tuple(order))
+    for replica, point in enumerate(points):
+      x, y, z, core = (index[axis][point[axis]] for axis in range(4))
+      grid_x = x * cores + core
+      grid_y = column_position[(y, z)]
+      order[grid_y * grid_x_size + grid_x] = replica
+    topology = cls(grid_x_size, grid_y_size, tuple(order))
+    if not shape or tuple(shape) == topology.shape:
+      return topology
+    if tuple(shape) == (grid_y_size, grid_x_size):
+      return topology.transposed()
+    raise TopologyError(
+        f"torus shape {shape[0]}x{shape[1]} does not follow this TPU slice: its "
+        f"chips form a {grid_x_size}x{grid_y_size} grid of replicas ({x_size} chips "
+        f"x {cores} core(s) along x, {sizes[1]}x{sizes[2]} chips y-z along y); use "
+        f"{grid_x_size}x{grid_y_size} or {grid_y_size}x{grid_x_size}, or leave the "
+        "shape unset")
+
+  def transposed(self) -> "TorusTopology":
+    """The same replicas with rows and columns swapped."""
+    order = [self.replica_at(x, y) for x in range(self.x_size)
+             for y in range(self.y_size)]
+    return TorusTopology(self.y_size, self.x_size, tuple(order))
 
   @property
   def shape(self) -> Tuple[int, int]:

@@ -37,13 +37,17 @@ def scaling_rows(links, num_bytes=cost_model.RESNET50_GRADIENT_BYTES,
   for chips in chip_counts:
     x_size, y_size = topology.most_square_grid(chips)
     ring = cost_model.ring_allreduce_counts(chips, num_bytes)
-    torus = cost_model.torus_allreduce_counts(x_size, y_size, num_bytes)
+    # The TPU back end's ops (XLA reduce-scatter, CrossReplicaSum, a permute ring
+    # for the all-gather); the bytes and steps are the same on every back end.
+    torus = cost_model.torus_allreduce_counts(x_size, y_size, num_bytes,
+                                              backend="tpu")
     ring_s = cost_model.allreduce_time(ring, links)
     torus_s = cost_model.allreduce_time(torus, links)
     both_axes_s = cost_model.allreduce_time(torus, links, concurrent_halves=True)
     rows.append(dict(chips=chips, grid=f"{x_size}x{y_size}",
                      ring_steps=ring.ring_steps, torus_steps=torus.ring_steps,
                      ring_bytes=ring.bytes_sent, torus_bytes=torus.bytes_sent,
+                     torus_ops=torus.collective_calls,
                      ring_s=ring_s, torus_s=torus_s, both_axes_s=both_axes_s,
                      torus_vs_ring=torus_s / ring_s))
   return rows
@@ -51,12 +55,14 @@ def scaling_rows(links, num_bytes=cost_model.RESNET50_GRADIENT_BYTES,
 
 def format_table(rows):
   header = (f"{'chips':>6} {'grid':>6} {'ring_steps':>10} {'torus_steps':>11} "
+            f"{'torus_ops':>9} "
             f"{'ring_MB':>8} {'torus_MB':>8} {'ring_ms':>8} {'torus_ms':>8} "
             f"{'torus2ax_ms':>11} {'torus/ring':>10}")
   lines = [header]
   for r in rows:
     lines.append(
         f"{r['chips']:>6} {r['grid']:>6} {r['ring_steps']:>10} {r['torus_steps']:>11} "
+        f"{r['torus_ops']:>9} "
         f"{r['ring_bytes'] / 1e6:>8.2f} {r['torus_bytes'] / 1e6:>8.2f} "
         f"{r['ring_s'] * 1e3:>8.3f} {r['torus_s'] * 1e3:>8.3f} "
         f"{r['both_axes_s'] * 1e3:>11.3f} {r['torus_vs_ring']:>10.3f}")
@@ -81,7 +87,8 @@ def main():
   print(f"links: alpha={links.latency_s * 1e6:g} us/step, "
         f"{links.bandwidth_bytes_per_s / 1e9:.1f} GB/s per link per direction, "
         f"{links.links_per_chip} links/chip, bidirectional rings={links.bidirectional}")
-  print("columns: *_MB = bytes each replica sends; torus_ms = x-then-y schedule this "
+  print("columns: torus_ops = TPU collective ops per replica per buffer; "
+        "*_MB = bytes each replica sends; torus_ms = x-then-y schedule this "
         "repo implements; torus2ax_ms = two halves x-first and y-first at once "
         "(all 4 links busy; not implemented here)")
   rows = scaling_rows(links)

@@ -6,12 +6,16 @@ from tests import logical_devices
 logical_devices.configure_logical_cpus()
 
 # pylint: disable=g-import-not-at-top,g-bad-import-order
+import collections
+from unittest import mock
+
 from absl.testing import parameterized
 import numpy as np
 import tensorflow as tf
 
 from allreduce import collectives
 from allreduce.topology import TopologyError, TorusTopology
+from tests import tpu_emulation
 
 # A bug must fail the test, not hang the suite.
 TIMEOUT_SECONDS = 60
@@ -210,6 +214,16 @@ class SeamForStrategyTest(tf.test.TestCase):
       self.assertIsInstance(collectives.seam_for_strategy(),
                             collectives.CollectiveOpsSeam)
 
+  def test_gpu_replicas_get_nccl(self):
+    gpu_strategy = mock.Mock(spec=tf.distribute.MirroredStrategy)
+    gpu_strategy.extended.worker_devices = (
+        "/job:localhost/replica:0/task:0/device:GPU:0",
+        "/job:localhost/replica:0/task:0/device:GPU:1")
+    seam = collectives.seam_for_strategy(gpu_strategy)
+    self.assertEqual(seam._communication_hint, "nccl")
+    cpu_seam = collectives.seam_for_strategy(logical_devices.cpu_mirrored_strategy(8))
+    self.assertEqual(cpu_seam._communication_hint, "auto")
+
   def test_tpu_strategy_gets_the_tpu_back_end(self):
     # No TPU here: an uninitialised instance is enough for the type dispatch.
     fake_tpu_strategy = tf.distribute.TPUStrategy.__new__(tf.distribute.TPUStrategy)
@@ -249,35 +263,39 @@ class TpuCollectiveSeamTracingTest(tf.test.TestCase, parameterized.TestCase):
       self.assertEqual(op.outputs[0].shape, [3, 2])
     self.assertFalse([op for op in ops if op.type.startswith("Collective")])
 
-  def test_reduce_scatter_is_all_to_all_then_local_sum(self):
+  def test_reduce_scatter_is_xla_reduce_scatter(self):
     groups = TorusTopology(4, 2).row_groups()
     ops = traced_ops(self.strategy,
                      lambda: self.seam.reduce_scatter_sum(tf.ones([12]), groups))
-    exchanges = [op for op in ops if op.type == "AllToAll"]
-    self.assertLen(exchanges, 8)
-    for op in exchanges:
+    scatters = [op for op in ops if op.type == "XlaReduceScatter"]
+    self.assertLen(scatters, 8)
+    for op in scatters:
       self.assertAllEqual(tf.get_static_value(op.inputs[1]), groups)
-      self.assertEqual(op.get_attr("split_count"), 4)
-      self.assertEqual(op.get_attr("split_dimension"), 0)
-      self.assertEqual(op.get_attr("concat_dimension"), 0)
-      self.assertEqual(op.inputs[0].shape, [4, 3])
-      (unstack,) = op.outputs[0].consumers()
-      self.assertEqual(unstack.type, "Unpack")
-      (add,) = {c for t in unstack.outputs for c in t.consumers()}
-      self.assertEqual(add.type, "AddN")
-      self.assertEqual(add.outputs[0].shape, [3])
+      self.assertEqual(tf.get_static_value(op.inputs[2]), 0)  # scatter dimension
+      self.assertEqual(op.get_attr("reduce_op"), b"Add")
+      self.assertEqual(op.inputs[0].shape, [12])
+    self.assertFalse([op for op in ops if op.type == "AllToAll"])
 
-  def test_all_gather_is_all_to_all_of_copies(self):
-    groups = TorusTopology(2, 4).column_groups()
+  def test_all_gather_is_a_ring_of_collective_permutes(self):
+    groups = TorusTopology(2, 4).column_groups()  # groups of 4
     ops = traced_ops(self.strategy,
                      lambda: self.seam.all_gather(tf.ones([5, 2]), groups))
-    exchanges = [op for op in ops if op.type == "AllToAll"]
-    self.assertLen(exchanges, 8)
-    for op in exchanges:
-      self.assertAllEqual(tf.get_static_value(op.inputs[1]), groups)
-      self.assertEqual(op.get_attr("split_count"), 4)
-      self.assertEqual(op.inputs[0].shape, [20, 2])
-      self.assertEqual(op.outputs[0].shape, [20, 2])
+    permutes = [op for op in ops if op.type == "CollectivePermute"]
+    # Per replica: g - 1 steps forward and g - 1 backward, each a half piece.
+    self.assertLen(permutes, 8 * 2 * 3)
+    forward = collectives.ring_pairs(groups, +1)
+    backward = collectives.ring_pairs(groups, -1)
+    self.assertIn([groups[0][0], groups[0][1]], forward)
+    self.assertIn([groups[0][1], groups[0][0]], backward)
+    seen = collections.Counter()
+    for op in permutes:
+      pairs = tf.get_static_value(op.inputs[1]).tolist()
+      self.assertIn(pairs, (forward, backward))
+      seen["forward" if pairs == forward else "backward"] += 1
+      self.assertEqual(op.inputs[0].shape, [5])  # half of the 10 values
+    self.assertEqual(seen, {"forward": 24, "backward": 24})
+    self.assertFalse([op for op in ops
+                      if op.type in ("AllToAll", "CrossReplicaSum")])
 
   def test_groups_of_one_emit_no_collective(self):
     groups = TorusTopology(1, 8).row_groups()
@@ -285,13 +303,54 @@ class TpuCollectiveSeamTracingTest(tf.test.TestCase, parameterized.TestCase):
         self.seam.all_reduce_sum(tf.ones([3]), groups),
         self.seam.reduce_scatter_sum(tf.ones([3]), groups),
         self.seam.all_gather(tf.ones([3]), groups)))
-    self.assertFalse([op for op in ops
-                      if op.type in ("CrossReplicaSum", "AllToAll")])
+    self.assertFalse([op for op in ops if op.type in (
+        "CrossReplicaSum", "AllToAll", "XlaReduceScatter", "CollectivePermute")])
 
   def test_bad_groups_fail_while_tracing(self):
     with self.assertRaisesRegex(TopologyError, "exactly once"):
       traced_ops(self.strategy, lambda: self.seam.all_reduce_sum(
           tf.ones([3]), [[0, 1, 2, 3]]))
+
+  def test_rank_table_and_ring_pairs(self):
+    groups = [[2, 0], [3, 1]]
+    self.assertEqual(collectives.rank_table(groups), [1, 1, 0, 0])
+    self.assertEqual(collectives.ring_pairs(groups, +1),
+                     [[2, 0], [0, 2], [3, 1], [1, 3]])
+    self.assertEqual(collectives.ring_pairs([[0, 1, 2]], -1),
+                     [[0, 2], [1, 0], [2, 1]])
+
+
+class TpuCollectiveSeamEmulatedTest(tf.test.TestCase, parameterized.TestCase):
+  """The TPU back end's results, with its ops emulated on the CPU."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.strategy = logical_devices.cpu_mirrored_strategy(8)
+    cls.seam = collectives.TpuCollectiveSeam()
+
+  @parameterized.named_parameters(*grid_groups())
+  def test_all_reduce_reduce_scatter_all_gather(self, groups):
+    group_size = len(groups[0])
+    matrix = per_replica_values([3, 5], np.float32, 8, seed=11)
+    flat = per_replica_values([4 * group_size], np.float32, 8, seed=12)
+    odd_pieces = per_replica_values([3, 1], np.float32, 8, seed=13)  # 3 values
+
+    def step(r):
+      return (self.seam.all_reduce_sum(tf.constant(matrix[r]), groups),
+              self.seam.reduce_scatter_sum(tf.constant(flat[r]), groups),
+              self.seam.all_gather(tf.constant(odd_pieces[r]), groups))
+
+    with tpu_emulation.emulated_tpu_ops(TIMEOUT_SECONDS):
+      summed, scattered, gathered = run_per_replica(self.strategy, step)
+    for r in range(8):
+      group = collectives.group_of(groups, r)
+      rank = group.index(r)
+      self.assertAllEqual(summed[r], reference_sum(matrix, group))
+      shard = np.split(reference_sum(flat, group), group_size)[rank]
+      self.assertAllEqual(scattered[r], shard)
+      self.assertAllEqual(gathered[r],
+                          np.concatenate([odd_pieces[m] for m in group]))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ What is compared, for every replica and every pack of `plan_packs` (the aggregat
 packs the gradients into buffers of at most `pack_size_bytes`, each padded to a
 multiple of x * 64 bytes), with `cost_model.torus_allreduce_counts(x, y, pack bytes)`:
 
-* per phase: the collective calls, the group size, the bytes handed to each call
+* per phase (the model of the back end traced): the collective ops, the group size, the bytes handed to each call
   (`payload_bytes`) and the bytes the replica sends (`bytes_sent`): taken from the
   recorded op and its payload (an all-to-all sends the g - 1 chunks that are not its
   own, an all-gather its piece to g - 1 peers, an all-reduce the ring's 2(g - 1)
@@ -47,10 +47,17 @@ from allreduce.topology import TorusTopology
 from resnet import resnet_model
 
 NUM_REPLICAS = 8
-PHASE_OF_KIND = {"all_to_all": "reduce_scatter_x", "all_reduce": "all_reduce_y",
-                 "all_gather": "all_gather_x"}
+PHASE_OF_KIND = {"all_to_all": "reduce_scatter_x", "reduce_scatter": "reduce_scatter_x",
+                 "all_reduce": "all_reduce_y", "all_gather": "all_gather_x"}
 GRAPH_OPS = {"CollectiveAllToAllV2", "CollectiveReduceV2", "CollectiveGatherV2",
-             "AllToAll", "CrossReplicaSum"}
+             "AllToAll", "CrossReplicaSum", "XlaReduceScatter", "CollectivePermute"}
+
+
+def graph_ops_of(record):
+  """(op type, input elements) of each raw op the record's call put in the graph."""
+  if record.op == "CollectivePermute":  # the TPU all-gather: half a piece per step
+    return [(record.op, -(-record.num_elements // 2))] * record.num_ops
+  return [(record.op, record.num_elements)] * record.num_ops
 
 
 def resnet50_gradient_shapes():
@@ -110,27 +117,25 @@ class CostModelMatchesImplementationTest(tf.test.TestCase, parameterized.TestCas
     packs = torus_aggregator.plan_packs(
         [tf.TensorShape(s).num_elements() for s in self.shapes],
         [tf.float32] * len(self.shapes), pack_size_bytes, num_shards=x)
-    models = [cost_model.torus_allreduce_counts(x, y, pack.length * 4)
+    models = [cost_model.torus_allreduce_counts(x, y, pack.length * 4,
+                                                backend=backend)
               for pack in packs]
     self.assertBetween(len(packs), 4, 16)
 
     # The log holds exactly the collective ops of the graph.
-    # (The TPU all-gather is an AllToAll of its piece tiled g times.)
     self.assertEqual(
         collections.Counter((op.type, op.inputs[0].shape.num_elements())
                             for op in graph_ops),
-        collections.Counter(
-            (r.op, r.num_elements * (r.group_size if r.op == "AllToAll"
-                                     and r.kind == "all_gather" else 1))
-            for r in log.records))
+        collections.Counter(op for r in log.records for op in graph_ops_of(r)))
 
     rows = {tuple(g) for g in grid.row_groups()}
     columns = {tuple(g) for g in grid.column_groups()}
     for replica in range(NUM_REPLICAS):
       records = log.for_replica(replica)
       # Issue order: phase by phase, each over every pack.
+      scatter_kind = "reduce_scatter" if backend == "tpu" else "all_to_all"
       expected_kinds = [kind for kind, model_phase in
-                        (("all_to_all", "reduce_scatter_x"),
+                        ((scatter_kind, "reduce_scatter_x"),
                          ("all_reduce", "all_reduce_y"),
                          ("all_gather", "all_gather_x"))
                         if models[0].phase(model_phase).collective_calls
@@ -148,7 +153,7 @@ class CostModelMatchesImplementationTest(tf.test.TestCase, parameterized.TestCas
         for phase in model.phases:
           issued = by_phase[phase.name][pack_index:pack_index + 1]
           measured = dict(
-              collective_calls=len(issued),
+              collective_calls=sum(r.num_ops for r in issued),
               group_size=issued[0].group_size if issued else 1,
               ring_steps=sum(ring_steps(r) for r in issued),
               payload_bytes=sum(r.payload_bytes for r in issued),
@@ -161,7 +166,7 @@ class CostModelMatchesImplementationTest(tf.test.TestCase, parameterized.TestCas
           totals["ring_steps"] += measured["ring_steps"]
           totals["bytes_sent"] += measured["bytes_sent"]
       # Every phase's records were matched to a pack: none left over.
-      self.assertEqual(sum(len(v) for v in by_phase.values()),
+      self.assertEqual(sum(r.num_ops for v in by_phase.values() for r in v),
                        totals["collective_calls"])
       self.assertEqual(totals, collections.Counter(
           collective_calls=sum(m.collective_calls for m in models),

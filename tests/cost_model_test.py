@@ -101,6 +101,24 @@ class TorusCountsTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual([p["collective"] for p in as_dict["phases"]],
                      ["all_to_all", "all_reduce", "all_gather"])
 
+  @parameterized.parameters((2, 4), (4, 2), (8, 1), (1, 8), (32, 32))
+  def test_tpu_back_end_issues_other_ops_for_the_same_bytes(self, x_size, y_size):
+    cpu = cost_model.torus_allreduce_counts(x_size, y_size, 32 * N)
+    tpu = cost_model.torus_allreduce_counts(x_size, y_size, 32 * N, backend="tpu")
+    for c, t in zip(cpu.phases, tpu.phases):
+      self.assertEqual((c.ring_steps, c.payload_bytes, c.bytes_sent),
+                       (t.ring_steps, t.payload_bytes, t.bytes_sent))
+    self.assertEqual(tpu.phase("reduce_scatter_x").collective, "reduce_scatter")
+    self.assertEqual(cpu.phase("reduce_scatter_x").collective, "all_to_all")
+    # The TPU all-gather: x - 1 permute steps each way round the row.
+    self.assertEqual(tpu.phase("all_gather_x").collective_calls, 2 * (x_size - 1))
+    self.assertEqual(cpu.phase("all_gather_x").collective_calls,
+                     1 if x_size > 1 else 0)
+
+  def test_unknown_backend(self):
+    with self.assertRaisesRegex(cost_model.CostModelError, "backend"):
+      cost_model.torus_allreduce_counts(2, 4, N, backend="gpu")
+
   @parameterized.parameters(
       dict(x_size=0, y_size=4, num_bytes=N),
       dict(x_size=2, y_size=-1, num_bytes=N),

@@ -74,16 +74,16 @@ class AcceleratorTypeTest(tf.test.TestCase, parameterized.TestCase):
       submit_tpu.parse_accelerator_type(name)
 
 
-class PlanTest(tf.test.TestCase):
+class PlanTest(tf.test.TestCase, parameterized.TestCase):
 
   def test_v3_8_dry_run_commands(self):
     plan = submit_tpu.build_plan(_job(), ARCHIVE)
     self.assertEqual(_commands(plan), [
-        f"{GCLOUD} scp {ARCHIVE} r50:torus-resnet.tar.gz {WHERE} --worker=all",
-        f"{GCLOUD} ssh r50 {WHERE} --worker=all '--command=rm -rf torus-resnet && "
+        f"{GCLOUD} scp {ARCHIVE} r50:torus-resnet.tar.gz {WHERE} --worker=0",
+        f"{GCLOUD} ssh r50 {WHERE} --worker=0 '--command=rm -rf torus-resnet && "
         "mkdir -p torus-resnet && tar -xzf torus-resnet.tar.gz -C torus-resnet && "
-        "cd torus-resnet && python3 -m pip install --upgrade -r requirements.txt'",
-        f"{GCLOUD} ssh r50 {WHERE} --worker=all '--command=cd torus-resnet && "
+        "cd torus-resnet && bash tools/install_on_tpu_vm.sh'",
+        f"{GCLOUD} ssh r50 {WHERE} --worker=0 '--command=cd torus-resnet && "
         "PYTHONUNBUFFERED=1 python3 main.py --tpu=local "
         "--model_dir=gs://bucket/runs/r50 --data_dir=gs://bucket/imagenet "
         "--dataset=imagenet --train_batch_size=1024 --torus_shape=2x4'",
@@ -107,17 +107,88 @@ class PlanTest(tf.test.TestCase):
                      ["always", submit_tpu.IF_PREEMPTED, submit_tpu.IF_ABSENT])
     self.assertEqual(commands[-1], f"{GCLOUD} delete r50 {WHERE} --quiet")
     self.assertEqual(plan[-1].when, submit_tpu.FINALLY)
-    # Exactly one launch, on all workers at once, with the trainer flags passed on.
+    # Exactly one client process for the 4 hosts: on worker 0, by the TPU's name.
     (launch,) = _launches(plan)
-    self.assertIn("--worker=all", launch.argv)
+    self.assertIn("--worker=0", launch.argv)
     words = shlex.split(_remote_command(launch))
+    self.assertEqual(words[words.index("&&") + 1:words.index("python3")],
+                     ["TPU_NAME=r50", "TPU_LOAD_LIBRARY=0", "PYTHONUNBUFFERED=1"])
     self.assertEqual(words[words.index("main.py") + 1:], [
-        "--tpu=local", "--model_dir=gs://bucket/runs/r50",
+        "--tpu=r50", "--model_dir=gs://bucket/runs/r50",
         "--data_dir=gs://bucket/imagenet", "--train_batch_size=4096",
         "--torus_shape=4x8", "--bn_group_size=4", "--allreduce=torus"])
-    ssh_all = [c for c in commands if " ssh " in c]
-    self.assertLen(ssh_all, 2)  # install, launch
-    self.assertTrue(all("--worker=all" in c for c in ssh_all))
+    remote = [c for c in commands if " ssh " in c or " scp " in c]
+    self.assertLen(remote, 3)  # copy, install, launch
+    self.assertTrue(all("--worker=0" in c for c in remote))
+    self.assertFalse([c for c in commands if "--worker=all" in c])
+
+  @parameterized.named_parameters(
+      # type, trainer grid, hosts, runtime default
+      ("v3_8", "v3-8", "2x4", 1, "tpu-vm-tf-2.20.0-pjrt"),
+      ("v3_32", "v3-32", "8x4", 4, "tpu-vm-tf-2.20.0-pod-pjrt"),
+      ("v4_32", "v4-32", "2x8", 4, "tpu-vm-tf-2.20.0-pod-pjrt"),
+      ("v5litepod_8", "v5litepod-8", "2x4", 1, "tpu-vm-tf-2.20.0-pjrt"),
+  )
+  def test_one_client_and_the_default_runtime(self, accelerator_type, grid, hosts,
+                                              runtime):
+    job = _job(accelerator_type=accelerator_type, create=True,
+               tensorflow_version="2.20.0", trainer_args=(f"--torus_shape={grid}",))
+    plan = submit_tpu.build_plan(job, ARCHIVE)
+    (create,) = [s for s in plan if s.description == "create the slice"]
+    self.assertIn(f"--version={runtime}", create.argv)
+    (launch,) = _launches(plan)
+    self.assertIn("--worker=0", launch.argv)
+    command = _remote_command(launch)
+    self.assertEqual(command.count("main.py"), 1)
+    if hosts > 1:
+      self.assertIn("TPU_NAME=r50 TPU_LOAD_LIBRARY=0", command)
+      self.assertIn("--tpu=r50", shlex.split(command))
+    else:
+      self.assertNotIn("TPU_NAME", command)
+      self.assertIn("--tpu=local", shlex.split(command))
+    self.assertFalse([s for s in plan if "--worker=all" in s.argv])
+
+  def test_explicit_runtime_version_wins(self):
+    job = _job(create=True, tensorflow_version="2.20.0",
+               runtime_version="tpu-vm-tf-2.18.0-pjrt")
+    (create,) = [s for s in submit_tpu.build_plan(job, ARCHIVE)
+                 if s.description == "create the slice"]
+    self.assertIn("--version=tpu-vm-tf-2.18.0-pjrt", create.argv)
+
+  def test_tensorflow_version_comes_from_requirements(self):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    version = submit_tpu.pinned_tensorflow_version(repo)
+    with open(os.path.join(repo, "requirements.txt")) as f:
+      self.assertIn(f"tensorflow=={version}\n", f.read())
+    self.assertEqual(submit_tpu.pinned_tensorflow_version("/nonexistent"), "")
+
+  def test_queued_spot_slice(self):
+    job = _job(accelerator_type="v4-32", create=True, queued=True, spot=True,
+               delete_after=True, tensorflow_version="2.20.0",
+               trainer_args=("--torus_shape=2x8",))
+    plan = submit_tpu.build_plan(job, ARCHIVE)
+    queued = "gcloud compute tpus queued-resources"
+    by_description = {s.description: s for s in plan}
+    self.assertEqual(
+        by_description["request the slice as a queued resource"].shell(),
+        f"{queued} create r50 {WHERE} --node-id=r50 --accelerator-type=v4-32 "
+        "--runtime-version=tpu-vm-tf-2.20.0-pod-pjrt --spot")
+    self.assertEqual(by_description["delete the preempted slice"].shell(),
+                     f"{queued} delete r50 {WHERE} --force --quiet")
+    wait = by_description["wait until the queued resource is ACTIVE"]
+    self.assertEqual((wait.argv[:2], wait.when), (("bash", "-c"), submit_tpu.IF_ABSENT))
+    self.assertIn(f"{queued} describe r50 {WHERE}", wait.argv[2])
+    self.assertIn("ACTIVE) exit 0", wait.argv[2])
+    self.assertEqual(plan[-1].shell(), f"{queued} delete r50 {WHERE} --force --quiet")
+    self.assertEqual(plan[-1].when, submit_tpu.FINALLY)
+    self.assertLen(_launches(plan), 1)
+
+  def test_queued_needs_create_and_spot_not_preemptible(self):
+    with self.assertRaisesRegex(submit_tpu.SubmitError, "--queued"):
+      submit_tpu.validate(_job(queued=True))
+    with self.assertRaisesRegex(submit_tpu.SubmitError, "--preemptible"):
+      submit_tpu.validate(_job(queued=True, create=True, preemptible=True,
+                               runtime_version="v"))
 
   def test_preemptible_flag(self):
     job = _job(create=True, preemptible=True, runtime_version="tpu-vm-tf-2.16.1-pjrt")
@@ -236,7 +307,7 @@ class RunPlanTest(tf.test.TestCase):
   def test_stops_at_first_failure_but_still_deletes(self):
     calls, error = self._run(self._plan(self.tmp), state="READY", fail_on="scp")
     self.assertEqual(calls, ["scp", "delete"])
-    self.assertIn("step 'copy it to every worker' failed (exit code 1)", error)
+    self.assertIn("step 'copy it to worker 0' failed (exit code 1)", error)
 
 
 class CommandLineTest(tf.test.TestCase):
@@ -257,7 +328,20 @@ class CommandLineTest(tf.test.TestCase):
     self.assertEqual((code, err), (0, ""))
     self.assertIn("v3-32: 16 chips, 32 TensorCores, 4 host(s), 32 replicas", out)
     self.assertIn("--torus_shape=4x8 --train_batch_size=4096'", out)
-    self.assertEqual(out.count("--worker=all '--command=cd torus-resnet"), 1)
+    self.assertEqual(out.count("--worker=0 '--command=cd torus-resnet"), 1)
+    self.assertIn("TPU_NAME=r50 TPU_LOAD_LIBRARY=0", out)
+    # The default runtime follows requirements.txt's TensorFlow (here without
+    # --create, no create step at all).
+    self.assertNotIn(" create ", out)
+
+  def test_create_defaults_to_the_projects_tensorflow_image(self):
+    code, out, err = self._main(self.BASE + ["--create", "--queued", "--spot", "--",
+                                             "--torus_shape=4x8"])
+    self.assertEqual((code, err), (0, ""))
+    version = submit_tpu.pinned_tensorflow_version(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    self.assertIn(f"--runtime-version=tpu-vm-tf-{version}-pod-pjrt --spot", out)
+    self.assertIn("queued-resources create r50", out)
 
   def test_bad_input_is_one_line_and_exit_2(self):
     code, out, err = self._main(self.BASE + ["--data_dir=/local/imagenet"])

@@ -20,6 +20,7 @@ import allreduce
 from allreduce import collectives
 from allreduce import torus_aggregator
 from allreduce.topology import TopologyError, TorusTopology
+from tests import tpu_emulation
 
 TIMEOUT_SECONDS = 60
 GRIDS = ((1, 8), (2, 4), (4, 2), (8, 1))
@@ -356,18 +357,43 @@ class TpuTracingTest(tf.test.TestCase, parameterized.TestCase):
         [torus_aggregator.communication_dtype(d) for _, d in specs], 256,
         num_shards=x))
     topology = TorusTopology(x, y)
+    scatters = [op for op in ops if op.type == "XlaReduceScatter"]
     sums = [op for op in ops if op.type == "CrossReplicaSum"]
-    exchanges = [op for op in ops if op.type == "AllToAll"]
+    permutes = [op for op in ops if op.type == "CollectivePermute"]
+    self.assertLen(scatters, 8 * num_packs)  # phase 1, along x
     self.assertLen(sums, 8 * num_packs)  # phase 2, along y
-    self.assertLen(exchanges, 8 * 2 * num_packs)  # phases 1 and 3, along x
+    # Phase 3 along x: a ring of x - 1 steps each way round, per pack.
+    self.assertLen(permutes, 8 * num_packs * 2 * (x - 1))
+    for op in scatters:
+      self.assertAllEqual(tf.get_static_value(op.inputs[1]), topology.row_groups())
+      self.assertEqual(op.inputs[0].dtype, tf.float32)  # bfloat16 summed in float32
     for op in sums:
       self.assertAllEqual(tf.get_static_value(op.inputs[1]),
                           topology.column_groups())
-      self.assertEqual(op.inputs[0].dtype, tf.float32)  # bfloat16 summed in float32
-    for op in exchanges:
-      self.assertAllEqual(tf.get_static_value(op.inputs[1]), topology.row_groups())
-      self.assertEqual(op.get_attr("split_count"), x)
-    self.assertFalse([op for op in ops if op.type.startswith("Collective")])
+      self.assertEqual(op.inputs[0].dtype, tf.float32)
+    ring = [collectives.ring_pairs(topology.row_groups(), step) for step in (1, -1)]
+    for op in permutes:
+      self.assertIn(tf.get_static_value(op.inputs[1]).tolist(), ring)
+    self.assertFalse([op for op in ops if op.type == "AllToAll" or (
+        op.type.startswith("Collective") and op.type != "CollectivePermute")])
+
+  def test_emulated_tpu_ops_sum_on_a_physical_grid(self):
+    # The TPU back end end to end (its XLA ops emulated on the CPU), on a grid whose
+    # rows and columns are out of replica-id order, as chip coordinates make them.
+    strategy = logical_devices.cpu_mirrored_strategy(8)
+    points = [(1, 0, 0, 1), (1, 1, 0, 0), (0, 0, 0, 0), (0, 1, 0, 1),
+              (1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 0, 1), (1, 1, 0, 1)]
+    topology = TorusTopology.from_physical_coordinates(points)
+    self.assertEqual(topology.shape, (4, 2))
+    aggregator = allreduce.make_torus_aggregator(
+        topology, seam=collectives.TpuCollectiveSeam(), pack_size_bytes=256)
+    values = make_values(integer_valued=True, seed=9)
+    with tpu_emulation.emulated_tpu_ops(TIMEOUT_SECONDS):
+      results = run_aggregation(strategy, aggregator.all_reduce, values)
+    for v, per_replica in zip(values, results):
+      if v is not None:
+        for result in per_replica:
+          self.assertAllEqual(result.astype(np.float64), v.sum(axis=0))
 
 
 if __name__ == "__main__":

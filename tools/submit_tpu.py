@@ -2,24 +2,34 @@
 
     python -m tools.submit_tpu --tpu_name=resnet-pod --zone=europe-west4-a \\
         --project=my-project --accelerator_type=v3-32 --create --spot \\
-        --runtime_version=tpu-vm-tf-2.16.1-pod-pjrt \\
+        [--queued] [--runtime_version=tpu-vm-tf-2.20.0-pod-pjrt] \\
         --data_dir=gs://my-bucket/imagenet --model_dir=gs://my-bucket/runs/r50 \\
         [--delete_after] [--dry_run] \\
-        -- --dataset=imagenet --train_batch_size=4096 --torus_shape=4x8
+        -- --dataset=imagenet --train_batch_size=4096 --torus_shape=8x4
 
 Everything after `--` is passed to main.py unchanged (each argument shell-quoted, so
 values with spaces survive); the submitter itself adds `--tpu`, `--data_dir` and
-`--model_dir`. The plan, in order:
+`--model_dir`.
+
+One process drives the whole slice: TensorFlow's TPUStrategy is single-client (one
+Python program replicates over every core of every host; see
+tensorflow/python/distribute/tpu_strategy.py), and on a multi-host TPU VM slice the
+other hosts run the TPU runtime's servers that the image starts. So the trainer runs
+on worker 0 only: with `--tpu=local` on a single-host slice, and with `--tpu=<name>`
+plus `TPU_NAME=<name> TPU_LOAD_LIBRARY=0` on a multi-host one (the client reaches every
+host through the Cloud TPU API by name and must not claim the local chips itself).
+docs/TPU.md gives the sources. The plan, in order:
 
   1. with --create: make the slice unless it exists and is READY; a PREEMPTED spot
      slice is deleted and made again (re-submitting the same command after a
-     preemption resumes training from the last checkpoint in --model_dir);
+     preemption resumes training from the last checkpoint in --model_dir). With
+     --queued the slice is requested as a queued resource (what Cloud TPU offers for
+     large and spot slices) and the plan waits until it is ACTIVE;
   2. pack the working tree (git-tracked and untracked, not ignored, files) into a
-     tarball, scp it to every worker and unpack it there; then run
-     --install_command (default: pip install -r requirements.txt into the VM's
-     system python) on every worker;
-  3. start main.py on all workers at once with one `ssh --worker=all`; the ssh
-     streams every worker's output here;
+     tarball, scp it to worker 0 and unpack it there; then run --install_command
+     (default: tools/install_on_tpu_vm.sh, which installs the requirements around the
+     image's TPU build of TensorFlow without replacing it);
+  3. start main.py on worker 0; the ssh streams its output here;
   4. with --delete_after: delete the slice, also when an earlier step failed.
 
 Building the plan is pure (`build_plan`), so tests and --dry_run see exactly the
@@ -141,7 +151,10 @@ def parse_accelerator_type(text: str) -> SliceSpec:
 RESERVED_TRAINER_FLAGS = ("tpu", "data_dir", "model_dir")
 
 DEFAULT_REMOTE_DIR = "torus-resnet"
-DEFAULT_INSTALL_COMMAND = "python3 -m pip install --upgrade -r requirements.txt"
+DEFAULT_INSTALL_COMMAND = "bash tools/install_on_tpu_vm.sh"
+# The worker that runs the single TPUStrategy client (and the only one that needs the
+# code): worker 0, which `tpu-vm ssh` also picks by default.
+CLIENT_WORKER = "0"
 _TPU_NAME = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
@@ -164,7 +177,44 @@ class TpuJob:
   remote_dir: str = DEFAULT_REMOTE_DIR
   install_command: str = DEFAULT_INSTALL_COMMAND
   python: str = "python3"
-  tpu_address: str = "local"  # what main.py's --tpu gets on every worker
+  queued: bool = False  # create through a queued resource
+  # TensorFlow version the project pins (requirements.txt); picks the default runtime.
+  tensorflow_version: str = ""
+
+
+def default_runtime_version(spec: "SliceSpec", tensorflow_version: str) -> str:
+  """The TPU VM image for `spec` with the TensorFlow the project pins.
+
+  Cloud TPU names TensorFlow images `tpu-vm-tf-x.y.z[-pod][-{device_api}]`: `-pod`
+  for multi-host slices, and from TF 2.15 a device API, `-pjrt` or `-se` (stream
+  executor). PJRT is the one every generation runs (v5e and v5p have no stream
+  executor build), so it is the default for all; the TF version is the project's,
+  so the image's build is the one requirements.txt was tested with.
+  """
+  if not tensorflow_version:
+    raise SubmitError("runtime_version",
+                      "no default without the project's TensorFlow version "
+                      "(the tensorflow== line of requirements.txt); give one, e.g. "
+                      "tpu-vm-tf-2.20.0-pjrt")
+  pod = "-pod" if spec.multi_host else ""
+  return f"tpu-vm-tf-{tensorflow_version}{pod}-pjrt"
+
+
+def pinned_tensorflow_version(repo_dir: str) -> str:
+  """The version on requirements.txt's `tensorflow==` line ("" if there is none)."""
+  try:
+    with open(os.path.join(repo_dir, "requirements.txt")) as f:
+      for line in f:
+        match = re.fullmatch(r"tensorflow==([\w.]+)", line.split("#")[0].strip())
+        if match:
+          return match.group(1)
+  except FileNotFoundError:
+    pass
+  return ""
+
+
+def runtime_version(job: "TpuJob", spec: "SliceSpec") -> str:
+  return job.runtime_version or default_runtime_version(spec, job.tensorflow_version)
 
 
 def trainer_flag_value(args: Sequence[str], name: str) -> Optional[str]:
@@ -195,14 +245,15 @@ def validate(job: TpuJob) -> SliceSpec:
     if value and not value.startswith("gs://"):
       raise SubmitError(flag, f"{value!r} is not on Cloud Storage; TPU workers need "
                         "a gs://bucket/path they can all reach")
-  if job.create and not job.runtime_version:
-    raise SubmitError("runtime_version",
-                      "is required with --create, e.g. tpu-vm-tf-2.16.1-pjrt "
-                      "(single host) or tpu-vm-tf-2.16.1-pod-pjrt (multi-host v2-v4); "
-                      f"list them with `gcloud compute tpus tpu-vm versions list "
-                      f"--zone={job.zone}`")
+  if job.create:
+    runtime_version(job, spec)  # raises when there is neither a value nor a default
   if job.spot and job.preemptible:
     raise SubmitError("spot", "use either --spot or --preemptible, not both")
+  if job.queued and not job.create:
+    raise SubmitError("queued", "only applies with --create")
+  if job.queued and job.preemptible:
+    raise SubmitError("preemptible", "queued resources take --spot, not "
+                      "--preemptible")
   for name in RESERVED_TRAINER_FLAGS:
     if trainer_flag_value(job.trainer_args, name) is not None or any(
         a == f"--no{name}" for a in job.trainer_args):
@@ -275,51 +326,95 @@ def _gcloud(verb: str, job: TpuJob, *args: str) -> Tuple[str, ...]:
           f"--zone={job.zone}", f"--project={job.project}") + tuple(args)
 
 
-def trainer_command(job: TpuJob) -> str:
-  """The shell line each worker runs: main.py with every flag quoted."""
-  flags = [f"--tpu={job.tpu_address}", f"--model_dir={job.model_dir}"]
+def _queued(verb: str, job: TpuJob, *args: str) -> Tuple[str, ...]:
+  return ("gcloud", "compute", "tpus", "queued-resources", verb, job.tpu_name,
+          f"--zone={job.zone}", f"--project={job.project}") + tuple(args)
+
+
+def trainer_command(job: TpuJob, spec: SliceSpec) -> str:
+  """The shell line worker 0 runs: main.py, the slice's one client, flags quoted.
+
+  Single host: `--tpu=local`, the TPU attached to the VM. Multi-host: the TPU's name,
+  which the client resolves to every host's TPU server; `TPU_NAME` names it for
+  TensorFlow and `TPU_LOAD_LIBRARY=0` keeps this process from opening the local
+  chips, which worker 0's own TPU server drives (the Cloud TPU pod instructions).
+  """
+  tpu = job.tpu_name if spec.multi_host else "local"
+  flags = [f"--tpu={tpu}", f"--model_dir={job.model_dir}"]
   if job.data_dir:
     flags.append(f"--data_dir={job.data_dir}")
   flags.extend(job.trainer_args)
-  # Unbuffered so the log lines reach the ssh stream as they are written.
-  return (f"cd {shlex.quote(job.remote_dir)} && PYTHONUNBUFFERED=1 "
+  environment = ["PYTHONUNBUFFERED=1"]  # log lines reach the ssh stream as written
+  if spec.multi_host:
+    environment = [f"TPU_NAME={shlex.quote(job.tpu_name)}", "TPU_LOAD_LIBRARY=0"
+                   ] + environment
+  return (f"cd {shlex.quote(job.remote_dir)} && {' '.join(environment)} "
           f"{shlex.quote(job.python)} main.py " + " ".join(map(shlex.quote, flags)))
+
+
+def _wait_until_active(job: TpuJob) -> Tuple[str, ...]:
+  """A local shell loop: poll the queued resource until ACTIVE; fail on FAILED."""
+  describe = shlex.join(_queued("describe", job, "--format=value(state.state)"))
+  script = (f"while true; do state=$({describe}); echo \"# queued resource: $state\"; "
+            'case "$state" in ACTIVE) exit 0;; FAILED|SUSPENDED) exit 1;; esac; '
+            "sleep 60; done")
+  return ("bash", "-c", script)
 
 
 def build_plan(job: TpuJob, archive: str) -> List[Step]:
   """The steps that run `job`, `archive` being the local tarball path to write."""
-  validate(job)
+  spec = validate(job)
   archive_name = f"{job.remote_dir}.tar.gz"
   remote = shlex.quote(job.remote_dir)
+  worker = f"--worker={CLIENT_WORKER}"
   plan = []
   if job.create:
+    version = runtime_version(job, spec)
     plan.append(Step("look up the slice", _gcloud(
         "describe", job, "--format=value(state)"), kind="probe"))
-    plan.append(Step("delete the preempted slice", _gcloud(
-        "delete", job, "--quiet"), when=IF_PREEMPTED))
-    create = _gcloud("create", job, f"--accelerator-type={job.accelerator_type}",
-                     f"--version={job.runtime_version}")
-    if job.spot:
-      create += ("--spot",)
-    elif job.preemptible:
-      create += ("--preemptible",)
-    plan.append(Step("create the slice", create, when=IF_ABSENT))
+    if job.queued:
+      # Deleting the queued resource (with --force) deletes its node too.
+      plan.append(Step("delete the preempted slice", _queued(
+          "delete", job, "--force", "--quiet"), when=IF_PREEMPTED))
+      create = _queued("create", job, f"--node-id={job.tpu_name}",
+                       f"--accelerator-type={job.accelerator_type}",
+                       f"--runtime-version={version}")
+      if job.spot:
+        create += ("--spot",)
+      plan.append(Step("request the slice as a queued resource", create,
+                       when=IF_ABSENT))
+      plan.append(Step("wait until the queued resource is ACTIVE",
+                       _wait_until_active(job), when=IF_ABSENT))
+    else:
+      plan.append(Step("delete the preempted slice", _gcloud(
+          "delete", job, "--quiet"), when=IF_PREEMPTED))
+      create = _gcloud("create", job, f"--accelerator-type={job.accelerator_type}",
+                       f"--version={version}")
+      if job.spot:
+        create += ("--spot",)
+      elif job.preemptible:
+        create += ("--preemptible",)
+      plan.append(Step("create the slice", create, when=IF_ABSENT))
   plan.append(Step("pack the working tree", kind="pack", archive=archive,
                    repo_dir=job.repo_dir))
-  plan.append(Step("copy it to every worker", (
+  plan.append(Step(f"copy it to worker {CLIENT_WORKER}", (
       "gcloud", "compute", "tpus", "tpu-vm", "scp", archive,
       f"{job.tpu_name}:{archive_name}", f"--zone={job.zone}",
-      f"--project={job.project}", "--worker=all")))
+      f"--project={job.project}", worker)))
   install = (f"rm -rf {remote} && mkdir -p {remote} && "
              f"tar -xzf {shlex.quote(archive_name)} -C {remote} && "
              f"cd {remote} && {job.install_command}")
-  plan.append(Step("unpack and install on every worker", _gcloud(
-      "ssh", job, "--worker=all", f"--command={install}")))
-  plan.append(Step("train on all workers at once (logs stream here)", _gcloud(
-      "ssh", job, "--worker=all", f"--command={trainer_command(job)}")))
+  plan.append(Step(f"unpack and install on worker {CLIENT_WORKER}", _gcloud(
+      "ssh", job, worker, f"--command={install}")))
+  where = (f"the one client for all {spec.hosts} hosts" if spec.multi_host
+           else "the single host")
+  plan.append(Step(f"train on worker {CLIENT_WORKER}, {where} (logs stream here)",
+                   _gcloud("ssh", job, worker,
+                           f"--command={trainer_command(job, spec)}")))
   if job.delete_after:
-    plan.append(Step("delete the slice", _gcloud("delete", job, "--quiet"),
-                     when=FINALLY))
+    delete = (_queued("delete", job, "--force", "--quiet") if job.queued
+              else _gcloud("delete", job, "--quiet"))
+    plan.append(Step("delete the slice", delete, when=FINALLY))
   return plan
 
 
@@ -427,7 +522,8 @@ def define_flags(flag_values=None):
                       "v2-N, v3-N, v4-N, v5p-N (N = TensorCores) or v5litepod-N "
                       "(N = chips), e.g. v3-8, v3-32, v3-2048.", flag_values=fv)
   flags.DEFINE_string("runtime_version", "",
-                      "TPU VM software version, needed with --create.",
+                      "TPU VM software version for --create; default "
+                      "tpu-vm-tf-<requirements.txt's TensorFlow>[-pod]-pjrt.",
                       flag_values=fv)
   flags.DEFINE_string("data_dir", "", "gs:// directory of the TFRecords.",
                       flag_values=fv)
@@ -440,6 +536,10 @@ def define_flags(flag_values=None):
   flags.DEFINE_bool("spot", False, "Create a spot slice.", flag_values=fv)
   flags.DEFINE_bool("preemptible", False, "Create a preemptible slice.",
                     flag_values=fv)
+  flags.DEFINE_bool("queued", False,
+                    "With --create: request the slice as a queued resource "
+                    "(gcloud compute tpus queued-resources), for large and spot "
+                    "slices, and wait until it is ACTIVE.", flag_values=fv)
   flags.DEFINE_bool("delete_after", False,
                     "Delete the slice when training ends or fails.", flag_values=fv)
   flags.DEFINE_bool("dry_run", False, "Print the gcloud commands and exit.",
@@ -448,7 +548,7 @@ def define_flags(flag_values=None):
                       "Directory (under each worker's home) for the code.",
                       flag_values=fv)
   flags.DEFINE_string("install_command", DEFAULT_INSTALL_COMMAND,
-                      "Shell command run in --remote_dir on every worker after "
+                      "Shell command run in --remote_dir on worker 0 after "
                       "unpacking, to install the dependencies.", flag_values=fv)
   return fv
 
@@ -463,7 +563,8 @@ def job_from_flags(flag_values, trainer_args: Sequence[str], repo_dir: str) -> T
       create=flag_values.create, spot=flag_values.spot,
       preemptible=flag_values.preemptible, delete_after=flag_values.delete_after,
       repo_dir=repo_dir, remote_dir=flag_values.remote_dir,
-      install_command=flag_values.install_command)
+      install_command=flag_values.install_command, queued=flag_values.queued,
+      tensorflow_version=pinned_tensorflow_version(repo_dir))
 
 
 def main(argv: Sequence[str], flag_values, out=None, err=None) -> int:

@@ -8,6 +8,12 @@ that every collective of the distributed path really runs on a laptop or CI mach
 Under MultiWorkerMirroredStrategy a worker without GPUs is exactly one replica
 (TensorFlow places a CPU worker's replica on its CPU:0 whatever logical devices exist),
 so `num_cpu_devices` does not apply there: the replica count is the worker count.
+
+On TPU one Python process drives the whole slice (TF's `TPUStrategy` is single-client):
+on a single TPU VM it runs there with `tpu="local"`; on a multi-host slice it runs on
+worker 0 and reaches every host by the TPU's name (`tools/submit_tpu.py`, docs/TPU.md).
+The strategy is built with an explicit `DeviceAssignment`, so which chip each replica
+runs on is known here, and `replica_topology` turns it into the replica grid.
 """
 
 import json
@@ -16,6 +22,10 @@ from typing import Optional
 
 import tensorflow as tf
 from absl import logging
+
+from allreduce.topology import TorusTopology
+
+_TPU_STRATEGIES = (tf.distribute.TPUStrategy, tf.distribute.experimental.TPUStrategy)
 
 
 def split_cpu(num_cpu_devices: int):
@@ -39,6 +49,27 @@ def _multi_worker_task_count() -> int:
   return sum(len(tasks) for tasks in tf_config.get("cluster", {}).values())
 
 
+def _tpu_strategy(tpu: str) -> tf.distribute.TPUStrategy:
+  """TPUStrategy over every core of the slice, from its one client process.
+
+  `tpu="local"`: the TPU attached to this VM (TF's resolver treats "local" as a
+  directly attached TPU, while "" would mean "look the name up in the environment").
+  Any other value names a Cloud TPU: the resolver asks the Cloud TPU API for its
+  workers and this process connects to all of them before initialising the system.
+  """
+  resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+  if tpu != "local":
+    tf.config.experimental_connect_to_cluster(resolver)
+  topology = tf.tpu.experimental.initialize_tpu_system(resolver)
+  # An explicit assignment of one core per replica over every TPU device. Without
+  # one the runtime picks the placement and it is not visible from Python, so the
+  # replica grid could not follow the chips.
+  assignment = tf.tpu.experimental.DeviceAssignment.build(
+      topology, num_replicas=topology.num_tasks * topology.num_tpus_per_task)
+  return tf.distribute.TPUStrategy(resolver,
+                                   experimental_device_assignment=assignment)
+
+
 def create_strategy(*, tpu=None, num_cpu_devices: int = 8,
                     collective_timeout_seconds: float = 0.0) -> tf.distribute.Strategy:
   """The strategy for this machine; see the module docstring for the order.
@@ -47,12 +78,7 @@ def create_strategy(*, tpu=None, num_cpu_devices: int = 8,
   collectives (0: wait forever), so a lost worker fails the step instead of hanging it.
   """
   if tpu:
-    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
-        tpu="" if tpu == "local" else tpu)
-    if tpu != "local":
-      tf.config.experimental_connect_to_cluster(resolver)
-    tf.tpu.experimental.initialize_tpu_system(resolver)
-    return tf.distribute.TPUStrategy(resolver)
+    return _tpu_strategy(tpu)
 
   gpus = tf.config.list_physical_devices("GPU")
   if _multi_worker_task_count() > 1:
@@ -65,7 +91,11 @@ def create_strategy(*, tpu=None, num_cpu_devices: int = 8,
     return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
 
   if gpus:
-    return tf.distribute.MirroredStrategy([f"/gpu:{i}" for i in range(len(gpus))])
+    # NCCL sums on the GPUs over NVLink/PCIe; the default on one machine may copy
+    # through the host.
+    return tf.distribute.MirroredStrategy(
+        [f"/gpu:{i}" for i in range(len(gpus))],
+        cross_device_ops=tf.distribute.NcclAllReduce())
   devices = split_cpu(num_cpu_devices)
   logging.info("No accelerator found: %d logical CPU replicas.", num_cpu_devices)
   return tf.distribute.MirroredStrategy(devices)
@@ -92,7 +122,14 @@ def input_context(strategy: tf.distribute.Strategy,
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
-  """True on the worker that writes checkpoints and summaries."""
+  """True on the worker that writes checkpoints and summaries.
+
+  Under TPUStrategy the one client process is the whole job, so it is the chief
+  (its resolver's cluster spec lists the slice's hosts as "worker" tasks, but those
+  run TPU servers, not this program).
+  """
+  if isinstance(strategy, _TPU_STRATEGIES):
+    return True
   resolver = getattr(strategy, "cluster_resolver", None)
   if resolver is None or not resolver.cluster_spec().as_dict():
     return True
@@ -100,3 +137,65 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
   return task_type is None or task_type == "chief" or (
       task_type == "worker" and task_id == 0
       and "chief" not in resolver.cluster_spec().as_dict())
+
+
+def tpu_device_assignment(strategy: tf.distribute.TPUStrategy):
+  """The `DeviceAssignment` a TPUStrategy was built with, or None.
+
+  TPUStrategy keeps it only as `extended._device_assignment` (no public getter in
+  TF 2.20); this is the one place that reads it, and tests/strategy_test.py fails
+  if TensorFlow renames it.
+  """
+  return getattr(strategy.extended, "_device_assignment", None)
+
+
+def replica_topology(strategy: tf.distribute.Strategy, shape=None) -> TorusTopology:
+  """The replica grid for `strategy`, `shape` (x, y) or None for the default.
+
+  Under TPUStrategy the grid follows the chips: each replica's physical
+  `(x, y, z, core)` from the strategy's device assignment, folded onto two axes by
+  `TorusTopology.from_physical_coordinates`, so rows and columns are physical rings
+  and batch-norm groups are neighbours. Elsewhere replicas are numbered in order on
+  `shape` (or the most square grid).
+  """
+  if isinstance(strategy, _TPU_STRATEGIES):
+    assignment = tpu_device_assignment(strategy)
+    if assignment is None:
+      raise ValueError(
+          "this TPUStrategy has no device assignment, so which chip each replica runs "
+          "on is unknown; build it with training.strategy.create_strategy(tpu=...)")
+    if assignment.num_cores_per_replica != 1:
+      raise ValueError(
+          f"replicas of {assignment.num_cores_per_replica} cores are not supported: "
+          "the torus grid places one core per replica")
+    coordinates = [tuple(int(v) for v in assignment.coordinates(replica, 0))
+                   for replica in range(assignment.num_replicas)]
+    return TorusTopology.from_physical_coordinates(coordinates, shape=shape)
+  return TorusTopology.for_replicas(strategy.num_replicas_in_sync, shape)
+
+
+def is_single_client(strategy: tf.distribute.Strategy) -> bool:
+  """True when this process alone drives every replica (no peer to agree with)."""
+  resolver = getattr(strategy, "cluster_resolver", None)
+  if isinstance(strategy, tf.distribute.TPUStrategy) or resolver is None:
+    return True
+  jobs = resolver.cluster_spec().as_dict()
+  return sum(len(tasks) for name, tasks in jobs.items() if name in ("chief", "worker")) <= 1
+
+
+def worker_scratch_dir(strategy: tf.distribute.Strategy, model_dir: str) -> str:
+  """The model dir for the chief; for another worker a folder of its own inside it.
+
+  What every worker must write (its copy of a checkpoint, the generated digits) goes
+  there, so that workers never write the same file and nothing lands outside the
+  model dir.
+  """
+  if is_chief(strategy):
+    return model_dir
+  resolver = strategy.cluster_resolver
+  return os.path.join(model_dir, f"workertemp_{resolver.task_type}_{resolver.task_id}")
+
+
+def multi_worker_task_count() -> int:
+  """Tasks that TF_CONFIG names (0 or 1: a single-process run)."""
+  return _multi_worker_task_count()

@@ -1,11 +1,13 @@
-"""The 2-D torus all-reduce: replica grid, collective seam and gradient aggregator."""
+"""The 2-D torus all-reduce: replica grid, collective back ends, gradient aggregator."""
 
-from allreduce.collectives import CollectiveOpsSeam
-from allreduce.collectives import CollectiveSeam
-from allreduce.collectives import TpuCollectiveSeam
-from allreduce.collectives import seam_for_strategy
+from allreduce.collectives import CollectiveBackend
+from allreduce.collectives import CollectiveOpsBackend
+from allreduce.collectives import TpuBackend
+from allreduce.collectives import backend_for_strategy
+from allreduce.topology import GroupAssignment
 from allreduce.topology import TopologyError
 from allreduce.topology import TorusTopology
+from allreduce.topology import check_group_assignment
 from allreduce.topology import most_square_grid
 from allreduce.topology import parse_grid
 from allreduce.topology import replica_coordinates

@@ -1,19 +1,18 @@
-"""The one collective seam: grouped sum, reduce-scatter and all-gather across replicas.
+"""The one collective back end interface: grouped sum, reduce-scatter and all-gather.
 
-Layers (grouped batch norm) and the gradient aggregator call a `CollectiveSeam`, never
-raw collective ops, so the same model code runs on two back ends:
+Layers (grouped batch norm) and the gradient aggregator call a `CollectiveBackend`,
+never raw collective ops, so the same model code runs on two back ends:
 
-* `TpuCollectiveSeam`: `CrossReplicaSum`, `XlaReduceScatter` and `CollectivePermute`
+* `TpuBackend`: `CrossReplicaSum`, `XlaReduceScatter` and `CollectivePermute`
   with a `group_assignment` (or source-target) constant, the ops XLA turns into
   interconnect collectives on a TPU pod.
-* `CollectiveOpsSeam`: TensorFlow's collective ops (`CollectiveReduceV2`,
+* `CollectiveOpsBackend`: TensorFlow's collective ops (`CollectiveReduceV2`,
   `CollectiveAllToAllV2`, `CollectiveGatherV2`) for CPU, GPU and multi-worker
   strategies, with one group key per group of replicas.
 
-Every collective op a seam issues can be recorded, at trace time, into a
-`CollectiveLog` (`with record_collectives() as log:`): what it is, which replica issued
-it, over which group, on what payload. Tests compare those records with the cost model
-(`allreduce/cost_model.py`); when nothing records, the seams pay one list check.
+Whoever builds a layer or an aggregator may hand it any `CollectiveBackend`, so a
+test can wrap one of these (tests/collective_recorder.py records what it is asked to
+issue) without the back ends knowing.
 
 Every method runs in *replica context* (inside `strategy.run`, a Keras `train_step`
 or an optimizer's `apply_gradients`) and takes a `group_assignment`: a list of lists of
@@ -23,161 +22,18 @@ group's list; reduce-scatter shards and all-gather pieces follow that order on b
 ends.
 """
 
-import contextlib
-import dataclasses
 import hashlib
 import threading
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import tensorflow as tf
 
-from allreduce.topology import GroupAssignment, TopologyError
+from allreduce.topology import GroupAssignment, TopologyError, check_group_assignment
 
 # Our group keys live far above the ones tf.distribute hands out (it counts up from 1
 # per strategy), so grouped collectives never join a strategy's own all-reduce.
 _GROUP_KEY_BASE = 1 << 24
 _GROUP_KEY_SPAN = 1 << 28
-
-
-@dataclasses.dataclass(frozen=True)
-class CollectiveRecord:
-  """One collective op as a seam issued it, seen from the replica that issued it.
-
-  Attributes:
-    kind: what the op does for the caller: "all_reduce", "all_to_all" (the exchange
-      of a reduce-scatter built from an all-to-all), "reduce_scatter" (a native one)
-      or "all_gather".
-    op: the raw TensorFlow op issued (e.g. "CollectiveAllToAllV2",
-      "XlaReduceScatter").
-    replica_id: the issuing replica, or None where it is unknown at trace time (TPU:
-      one trace serves every replica).
-    group: the replica ids of the issuing replica's group, in the caller's order
-      (on TPU without a replica id: the first group; all have the same size).
-    shape: static shape of the payload, the tensor the caller asked to reduce,
-      exchange or gather (for "all_to_all" the whole buffer, before it is cut into
-      chunks); None for an unknown rank, None entries for unknown dimensions, and
-      then the sizes below are None too.
-    dtype: the payload's dtype name.
-    element_bytes: bytes per payload element.
-    num_ops: raw ops the call issued (the TPU all-gather is a chain of
-      `CollectivePermute`s, 2 (g - 1) of them; everything else is one op).
-  """
-  kind: str
-  op: str
-  replica_id: Optional[int]
-  group: Tuple[int, ...]
-  shape: Optional[Tuple[Optional[int], ...]]
-  dtype: str
-  element_bytes: int
-  num_ops: int = 1
-
-  @property
-  def group_size(self) -> int:
-    return len(self.group)
-
-  @property
-  def num_elements(self) -> Optional[int]:
-    if self.shape is None or None in self.shape:
-      return None
-    count = 1
-    for dim in self.shape:
-      count *= dim
-    return count
-
-  @property
-  def payload_bytes(self) -> Optional[int]:
-    n = self.num_elements
-    return None if n is None else n * self.element_bytes
-
-  @property
-  def bytes_sent(self) -> Optional[int]:
-    """Bytes this replica must send for the op, whatever the schedule:
-
-    * all_to_all and reduce_scatter: g - 1 chunks of n / g (an all-to-all sends
-      the chunks that belong to the other members; a ring reduce-scatter forwards
-      g - 1 partial sums of a chunk, one per step);
-    * all_gather: its piece to each of the g - 1 others (a ring forwards g - 1 pieces);
-    * all_reduce: 2 (g - 1) chunks of ceil(n / g), the ring algorithm's
-      reduce-scatter and all-gather halves (TensorFlow's RING implementation and the
-      TPU interconnect's schedule); the one figure that depends on the algorithm.
-    """
-    g, n, b = self.group_size, self.num_elements, self.element_bytes
-    if n is None:
-      return None
-    if self.kind in ("all_to_all", "reduce_scatter"):
-      return (g - 1) * (n // g) * b
-    if self.kind == "all_gather":
-      return (g - 1) * n * b
-    return 2 * (g - 1) * (-(-n // g)) * b
-
-
-class CollectiveLog:
-  """The collectives issued while it records, in issue order (all replicas mixed).
-
-  Records are taken at trace time, when the seam builds the op: a traced function
-  that is never run is counted as well, and a function run many times is counted
-  once per trace.
-  """
-
-  def __init__(self):
-    self.records: List[CollectiveRecord] = []
-
-  def for_replica(self, replica_id: Optional[int]) -> List[CollectiveRecord]:
-    return [r for r in self.records if r.replica_id == replica_id]
-
-
-_LOGS_LOCK = threading.Lock()
-# Logs that record now. Process-wide, not thread-local: MirroredStrategy traces each
-# replica's function in a thread of its own.
-_ACTIVE_LOGS: List[CollectiveLog] = []
-
-
-@contextlib.contextmanager
-def record_collectives(log: Optional[CollectiveLog] = None):
-  """Records every collective op any seam builds inside the block into `log`."""
-  log = log if log is not None else CollectiveLog()
-  with _LOGS_LOCK:
-    _ACTIVE_LOGS.append(log)
-  try:
-    yield log
-  finally:
-    with _LOGS_LOCK:
-      _ACTIVE_LOGS.remove(log)
-
-
-def _record(kind, op, replica_id, group, value, num_ops=1):
-  """Adds one issued op to the active logs (callers check `_ACTIVE_LOGS` first)."""
-  value = tf.convert_to_tensor(value)
-  record = CollectiveRecord(
-      kind=kind, op=op, replica_id=replica_id, group=tuple(int(r) for r in group),
-      shape=None if value.shape.rank is None else tuple(value.shape.as_list()),
-      dtype=value.dtype.name,
-      element_bytes=value.dtype.size, num_ops=num_ops)
-  with _LOGS_LOCK:
-    for log in _ACTIVE_LOGS:
-      log.records.append(record)
-
-
-def check_group_assignment(group_assignment: GroupAssignment,
-                           num_replicas: int) -> Tuple[Tuple[int, ...], ...]:
-  """Validates that the groups partition `range(num_replicas)` into equal sizes.
-
-  Returns the groups as tuples (hashable, for caching). Equal sizes are what TPU
-  collectives require, and a replica missing from every group would wait forever.
-  """
-  groups = tuple(tuple(int(r) for r in group) for group in group_assignment)
-  if not groups or not all(groups):
-    raise TopologyError(f"group_assignment must hold non-empty groups, got "
-                        f"{group_assignment!r}")
-  members = sorted(r for group in groups for r in group)
-  if members != list(range(num_replicas)):
-    raise TopologyError(
-        f"group_assignment {[list(g) for g in groups]} must list every replica "
-        f"0..{num_replicas - 1} exactly once")
-  if len({len(group) for group in groups}) != 1:
-    raise TopologyError(
-        f"all groups must have the same size, got {[list(g) for g in groups]}")
-  return groups
 
 
 def group_of(groups: Sequence[Sequence[int]], replica_id: int) -> Tuple[int, ...]:
@@ -203,8 +59,9 @@ def split_for_group(value, group_size: int):
 def sum_received_chunks(received):
   """Sums the `[group_size, ...]` chunks an all-to-all delivered (reduce-scatter).
 
-  `add_n` over the rows beats `reduce_sum(axis=0)` on CPU (measured 1.2-1.4x on
-  100 MB), and the rows are views of the received buffer, not copies.
+  `add_n` over the rows, not `reduce_sum(axis=0)`: it was the faster of the two on
+  CPU (docs/RESULTS.md, "Summing received chunks"), and the rows are views of the
+  received buffer, not copies.
   """
   return tf.add_n(tf.unstack(received, axis=0))
 
@@ -215,7 +72,7 @@ def _check_gatherable(value):
                      f"got shape {value.shape}")
 
 
-class CollectiveSeam:
+class CollectiveBackend:
   """Grouped collectives in replica context. Subclasses implement a back end."""
 
   def all_reduce_sum(self, value, group_assignment: GroupAssignment):
@@ -275,7 +132,7 @@ def rank_table(groups: Sequence[Sequence[int]]) -> List[int]:
   return table
 
 
-class TpuCollectiveSeam(CollectiveSeam):
+class TpuBackend(CollectiveBackend):
   """TPU back end: XLA's grouped cross-replica ops, chosen for ring bandwidth.
 
   Ranks are positions in the `group_assignment` lists, as XLA defines them, so the
@@ -305,21 +162,10 @@ class TpuCollectiveSeam(CollectiveSeam):
     return check_group_assignment(group_assignment,
                                   _replica_context().num_replicas_in_sync)
 
-  @staticmethod
-  def _record(kind, op, groups, value, num_ops=1):
-    replica_id = tf.get_static_value(_replica_context().replica_id_in_sync_group)
-    if replica_id is None:
-      _record(kind, op, None, groups[0], value, num_ops)
-    else:
-      _record(kind, op, int(replica_id), group_of(groups, int(replica_id)), value,
-              num_ops)
-
   def all_reduce_sum(self, value, group_assignment):
     groups = self._groups(group_assignment)
     if len(groups[0]) == 1:
       return tf.identity(value)
-    if _ACTIVE_LOGS:
-      self._record("all_reduce", "CrossReplicaSum", groups, value)
     return tf.raw_ops.CrossReplicaSum(
         input=value, group_assignment=tf.constant(groups, tf.int32))
 
@@ -330,8 +176,6 @@ class TpuCollectiveSeam(CollectiveSeam):
     split_for_group(value, group_size)  # checks rank and divisibility
     if group_size == 1:
       return tf.identity(value)
-    if _ACTIVE_LOGS:
-      self._record("reduce_scatter", "XlaReduceScatter", groups, value)
     shard = _xla_reduce_scatter(
         value, group_assignment=tf.constant(groups, tf.int32),
         scatter_dimension=tf.constant(0, tf.int32), reduce_op="Add")
@@ -349,9 +193,6 @@ class TpuCollectiveSeam(CollectiveSeam):
     if not value.shape.is_fully_defined():
       raise ValueError("the TPU all_gather needs a static shape (XLA compiles every "
                        f"shape), got {value.shape}")
-    if _ACTIVE_LOGS:
-      self._record("all_gather", "CollectivePermute", groups, value,
-                   num_ops=2 * (group_size - 1))
     num_elements = value.shape.num_elements()
     half = (num_elements + 1) // 2
     flat = tf.pad(tf.reshape(value, [-1]), [[0, 2 * half - num_elements]])
@@ -383,16 +224,17 @@ class TpuCollectiveSeam(CollectiveSeam):
 class _CollectiveKeys:
   """Process-wide group keys, instance keys and ordering tokens.
 
-  Shared by every `CollectiveOpsSeam` in the process: two seams used in one step (say
-  batch norm and the gradient aggregator) must never reuse an instance key of a group,
-  and the same group must get the same key in every process of a multi-worker job.
+  Shared by every `CollectiveOpsBackend` in the process: two back ends used in one
+  step (say batch norm's and the gradient aggregator's) must never reuse an instance
+  key of a group, and the same group must get the same key in every process of a
+  multi-worker job.
 
   * Group key: a hash of what identifies the group (its member devices when every
     replica is local, else its member replica ids and the replica count), so every
     process derives it alone.
   * Instance key: a counter per (group key, replica). Each member of a group issues
     the same sequence of collectives on that group, so the members' counters agree
-    whatever other groups, seams or strategies used the process before.
+    whatever other groups, back ends or strategies used the process before.
   * Ordering token: a resource handle on the replica's device. Collectives that take
     it are ordered among themselves on that device and nowhere else; without it
     automatic control dependencies chain all replicas' collectives in one sequence,
@@ -430,7 +272,7 @@ class _CollectiveKeys:
 _KEYS = _CollectiveKeys()
 
 
-class CollectiveOpsSeam(CollectiveSeam):
+class CollectiveOpsBackend(CollectiveBackend):
   """CPU / GPU / multi-worker back end on TensorFlow's collective ops.
 
   Works under `MirroredStrategy` and `MultiWorkerMirroredStrategy`, where a replica's
@@ -454,8 +296,8 @@ class CollectiveOpsSeam(CollectiveSeam):
     replica_id = tf.get_static_value(context.replica_id_in_sync_group)
     if replica_id is None:
       raise RuntimeError(
-          "CollectiveOpsSeam needs the replica id at trace time (MirroredStrategy, "
-          "MultiWorkerMirroredStrategy); use TpuCollectiveSeam on TPU")
+          "CollectiveOpsBackend needs the replica id at trace time (MirroredStrategy, "
+          "MultiWorkerMirroredStrategy); use TpuBackend on TPU")
     groups = check_group_assignment(group_assignment, context.num_replicas_in_sync)
     return int(replica_id), group_of(groups, int(replica_id))
 
@@ -491,8 +333,6 @@ class CollectiveOpsSeam(CollectiveSeam):
     replica_id, group = self._group(group_assignment)
     if len(group) == 1:
       return tf.identity(value)
-    if _ACTIVE_LOGS:
-      _record("all_reduce", "CollectiveReduceV2", replica_id, group, value)
     return tf.raw_ops.CollectiveReduceV2(
         input=value, merge_op="Add", final_op="Id",
         **self._launch_params(replica_id, group))
@@ -503,8 +343,6 @@ class CollectiveOpsSeam(CollectiveSeam):
     chunks = split_for_group(value, len(group))
     if len(group) == 1:
       return value
-    if _ACTIVE_LOGS:
-      _record("all_to_all", "CollectiveAllToAllV2", replica_id, group, value)
     # Row j of the op's [group_size, ...] input goes to TensorFlow's rank j, the j-th
     # smallest member, which wants the shard of its position in `group`.
     order = [group.index(member) for member in sorted(group)]
@@ -520,8 +358,6 @@ class CollectiveOpsSeam(CollectiveSeam):
     replica_id, group = self._group(group_assignment)
     if len(group) == 1:
       return tf.identity(value)
-    if _ACTIVE_LOGS:
-      _record("all_gather", "CollectiveGatherV2", replica_id, group, value)
     gathered = tf.raw_ops.CollectiveGatherV2(
         input=value, **self._launch_params(replica_id, group))
     # Pieces arrive in TensorFlow's rank order (ascending replica id).
@@ -552,18 +388,19 @@ def _on_gpus(strategy) -> bool:
       tf.DeviceSpec.from_string(d).device_type == "GPU" for d in devices)
 
 
-def seam_for_strategy(strategy=None, *, timeout_seconds: float = 0.0) -> CollectiveSeam:
-  """The seam for `strategy` (default: the current one).
+def backend_for_strategy(strategy=None, *,
+                         timeout_seconds: float = 0.0) -> CollectiveBackend:
+  """The collective back end for `strategy` (default: the current one).
 
   `TPUStrategy` gets the TPU back end; everything else the collective-ops back end,
   with NCCL when every replica is a GPU.
-  Constructing a seam is cheap: all state (keys, tokens) is shared process-wide.
+  Constructing a back end is cheap: all state (keys, tokens) is shared process-wide.
   """
   strategy = strategy or tf.distribute.get_strategy()
   if isinstance(strategy, (tf.distribute.TPUStrategy,
                            tf.distribute.experimental.TPUStrategy)):
-    return TpuCollectiveSeam()
+    return TpuBackend()
   # GPU replicas: NCCL moves the bytes GPU to GPU; "auto" may pick the ring over the
   # host.
-  return CollectiveOpsSeam(timeout_seconds=timeout_seconds,
+  return CollectiveOpsBackend(timeout_seconds=timeout_seconds,
                            communication_hint="nccl" if _on_gpus(strategy) else "auto")

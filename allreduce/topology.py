@@ -39,13 +39,46 @@ costs latency but no extra bandwidth per link.
 
 import dataclasses
 import math
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 GroupAssignment = List[List[int]]
 
 
 class TopologyError(ValueError):
   """A grid or group that does not fit the replicas."""
+
+
+def check_group_assignment(group_assignment: Sequence[Sequence[int]],
+                           num_replicas: Optional[int] = None,
+                           group_size: Optional[int] = None,
+                           name: str = "group_assignment"
+                           ) -> Tuple[Tuple[int, ...], ...]:
+  """Validates that the groups partition the replicas into groups of one size.
+
+  The replicas are `0..num_replicas - 1`, or `0..n - 1` for the n ids listed when
+  `num_replicas` is None (a layer built before the strategy exists). Equal sizes are
+  what TPU collectives require, and a replica missing from every group would wait
+  forever. `name` says what the groups are in the error (e.g. "device_order").
+  Returns the groups as tuples (hashable, for caching).
+  """
+  groups = tuple(tuple(int(r) for r in group) for group in group_assignment)
+  if not groups or not all(groups):
+    raise TopologyError(f"{name} must hold non-empty groups, got "
+                        f"{group_assignment!r}")
+  members = sorted(r for group in groups for r in group)
+  count = len(members) if num_replicas is None else num_replicas
+  if members != list(range(count)):
+    raise TopologyError(
+        f"{name} {[list(g) for g in groups]} must partition the replicas "
+        f"0..{count - 1}, listing each exactly once")
+  if group_size is not None and any(len(g) != group_size for g in groups):
+    raise TopologyError(
+        f"{name} {[list(g) for g in groups]} must each hold group_size={group_size} "
+        "replicas")
+  if len({len(group) for group in groups}) != 1:
+    raise TopologyError(
+        f"{name} {[list(g) for g in groups]} must all have the same size")
+  return groups
 
 
 def most_square_grid(num_replicas: int) -> Tuple[int, int]:
@@ -137,10 +170,9 @@ class TorusTopology:
       raise TopologyError(
           f"grid sides must be positive, got {self.x_size}x{self.y_size}")
     if self.device_order:
-      if sorted(self.device_order) != list(range(self.num_replicas)):
-        raise TopologyError(
-            f"device_order must be a permutation of 0..{self.num_replicas - 1}, "
-            f"got {list(self.device_order)}")
+      # One group of every replica: the order must be a permutation of them.
+      check_group_assignment([self.device_order], self.num_replicas,
+                             name="device_order")
     else:
       object.__setattr__(self, "device_order", tuple(range(self.num_replicas)))
 

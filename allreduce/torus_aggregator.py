@@ -25,10 +25,11 @@ import tensorflow as tf
 from allreduce import collectives
 from allreduce.topology import TopologyError, TorusTopology, parse_grid
 
-# A few packs, not one. Measured on 8 logical CPUs (benchmarks/allreduce.py), one
-# 100 MB pack is 6x slower than 4-32 MiB packs: each collective then allocates and
-# walks buffers far beyond the cache, and nothing overlaps. Packs of 16 MiB keep
-# ResNet-50 to 7 packs (21 collectives per replica), too few for per-op cost to show.
+# A few packs, not one: a single pack of the whole gradient makes each collective
+# allocate and walk buffers far beyond the cache, with nothing overlapping, and was
+# several times slower than packs of a few MiB (docs/RESULTS.md, "Gradient pack
+# size"). Packs of 16 MiB keep ResNet-50 to 7 packs (21 collectives per replica), too
+# few for per-op cost to show. The config's --allreduce_pack_mb default is this value.
 DEFAULT_PACK_SIZE_BYTES = 16 * 1024 * 1024
 
 _SUMMED_IN_FLOAT32 = (tf.bfloat16, tf.float16)
@@ -99,12 +100,12 @@ def plan_packs(sizes: Sequence[int], dtypes: Sequence[tf.DType],
   return packs
 
 
-def _as_topology(torus_shape) -> TorusTopology:
-  if isinstance(torus_shape, TorusTopology):
-    return torus_shape
-  if isinstance(torus_shape, str):
-    return TorusTopology(*parse_grid(torus_shape))
-  x_size, y_size = torus_shape
+def _as_grid(grid) -> TorusTopology:
+  if isinstance(grid, TorusTopology):
+    return grid
+  if isinstance(grid, str):
+    return TorusTopology(*parse_grid(grid))
+  x_size, y_size = grid
   return TorusTopology(int(x_size), int(y_size))
 
 
@@ -116,40 +117,40 @@ class TorusGradientAggregator:
   `average=True`). `None` gradients pass through. `IndexedSlices` are densified
   first (ResNet has none; a sparse path would not pay for itself here).
 
-  The collective back end (`seam`) is either given, or a `tf.distribute.Strategy` to
-  derive it from, or None: then it is taken from the strategy current at call time
-  (`seam_for_strategy(tf.distribute.get_strategy())`), which is what an optimizer built
-  inside `strategy.scope()` wants.
+  The collective back end (`backend`) is either given, or a `tf.distribute.Strategy`
+  to derive it from, or None: then it is taken from the strategy current at call time
+  (`backend_for_strategy(tf.distribute.get_strategy())`), which is what an optimizer
+  built inside `strategy.scope()` wants.
   """
 
-  def __init__(self, topology: TorusTopology,
-               seam: Union[None, collectives.CollectiveSeam,
-                           tf.distribute.Strategy] = None,
+  def __init__(self, grid: TorusTopology,
+               backend: Union[None, collectives.CollectiveBackend,
+                              tf.distribute.Strategy] = None,
                pack_size_bytes: int = DEFAULT_PACK_SIZE_BYTES,
                average: bool = False,
                timeout_seconds: float = 0.0):
     if pack_size_bytes < 1:
       raise ValueError(f"pack_size_bytes must be positive, got {pack_size_bytes}")
-    self.topology = topology
+    self.grid = grid
     self.pack_size_bytes = int(pack_size_bytes)
     self.average = average
-    self._seam = seam
+    self._backend = backend
     self._timeout_seconds = timeout_seconds
 
-  def _resolve_seam(self) -> collectives.CollectiveSeam:
-    if isinstance(self._seam, collectives.CollectiveSeam):
-      return self._seam
-    return collectives.seam_for_strategy(self._seam,
-                                         timeout_seconds=self._timeout_seconds)
+  def _resolve_backend(self) -> collectives.CollectiveBackend:
+    if isinstance(self._backend, collectives.CollectiveBackend):
+      return self._backend
+    return collectives.backend_for_strategy(self._backend,
+                                            timeout_seconds=self._timeout_seconds)
 
   def _check_replicas(self):
     context = tf.distribute.get_replica_context()
     if context is None:
       raise RuntimeError("the torus aggregator runs in replica context (inside "
                          "strategy.run or an optimizer's apply_gradients)")
-    if context.num_replicas_in_sync != self.topology.num_replicas:
+    if context.num_replicas_in_sync != self.grid.num_replicas:
       raise TopologyError(
-          f"torus shape {self.topology} holds {self.topology.num_replicas} replicas "
+          f"torus shape {self.grid} holds {self.grid.num_replicas} replicas "
           f"but the strategy has {context.num_replicas_in_sync}; pass a torus_shape "
           f"whose product is {context.num_replicas_in_sync}")
 
@@ -162,7 +163,7 @@ class TorusGradientAggregator:
                  ) -> List[Optional[tf.Tensor]]:
     """The sum (or mean) over replicas of each tensor; `None` stays `None`."""
     self._check_replicas()
-    seam = self._resolve_seam()
+    backend = self._resolve_backend()
     results: List[Optional[tf.Tensor]] = [None] * len(tensors)
     present = [i for i, t in enumerate(tensors) if t is not None]
     if not present:
@@ -173,20 +174,20 @@ class TorusGradientAggregator:
         raise ValueError(f"the torus aggregator needs static shapes, got {t.shape}")
     packs = plan_packs([t.shape.num_elements() for t in dense],
                        [communication_dtype(t.dtype) for t in dense],
-                       self.pack_size_bytes, num_shards=self.topology.x_size)
-    rows = self.topology.row_groups()
-    columns = self.topology.column_groups()
+                       self.pack_size_bytes, num_shards=self.grid.x_size)
+    rows = self.grid.row_groups()
+    columns = self.grid.column_groups()
 
     # Phases run breadth-first over the packs: every replica orders its collectives
     # in issue order, so pack k+1's reduce-scatter is on the wire while pack k's
     # received chunks are being summed.
     buffers = [self._pack(pack, dense) for pack in packs]
-    shards = [seam.reduce_scatter_sum(b, rows) for b in buffers]
-    shards = [seam.all_reduce_sum(s, columns) for s in shards]
+    shards = [backend.reduce_scatter_sum(b, rows) for b in buffers]
+    shards = [backend.all_reduce_sum(s, columns) for s in shards]
     if self.average:
       # Dividing the shard, not the full buffer, touches 1/X of the data.
-      shards = [s / tf.cast(self.topology.num_replicas, s.dtype) for s in shards]
-    buffers = [seam.all_gather(s, rows) for s in shards]
+      shards = [s / tf.cast(self.grid.num_replicas, s.dtype) for s in shards]
+    buffers = [backend.all_gather(s, rows) for s in shards]
     for pack, buffer in zip(packs, buffers):
       for index, piece in zip(pack.indices, self._unpack(pack, buffer)):
         original = dense[index]
@@ -214,18 +215,18 @@ class TorusGradientAggregator:
             for piece, slot, size in zip(pieces, slots, pack.sizes)]
 
 
-def make_torus_aggregator(torus_shape, *, seam=None,
+def make_torus_aggregator(grid, *, backend=None,
                           pack_size_bytes: int = DEFAULT_PACK_SIZE_BYTES,
                           average: bool = False,
                           timeout_seconds: float = 0.0) -> TorusGradientAggregator:
   """A `gradient_aggregator=` for tf_keras optimizers that sums on a 2-D torus.
 
   Args:
-    torus_shape: `(x, y)`, a string like "2x4", or a `TorusTopology` (for a grid that
-      follows physical chip coordinates). Its product must equal the replica count;
-      that is checked when the aggregator first runs, in replica context.
-    seam: a `CollectiveSeam`, a `tf.distribute.Strategy`, or None for the strategy
-      current when the aggregator is called.
+    grid: a `TorusTopology` (for a grid that follows physical chip coordinates),
+      an `(x, y)` shape or a string like "2x4". Its replica count must equal the
+      strategy's; that is checked when the aggregator first runs, in replica context.
+    backend: a `CollectiveBackend`, a `tf.distribute.Strategy`, or None for the
+      strategy current when the aggregator is called.
     pack_size_bytes: cap on one flat buffer, counted in the summation dtype.
     average: divide the sums by the replica count. Keras losses are already scaled by
       1 / global batch, so training wants the sum (the default).
@@ -237,6 +238,6 @@ def make_torus_aggregator(torus_shape, *, seam=None,
   `all_reduce_sum_gradients`, and `_distributed_apply` applies each replica's
   (already summed) gradient without reducing again.
   """
-  return TorusGradientAggregator(_as_topology(torus_shape), seam=seam,
+  return TorusGradientAggregator(_as_grid(grid), backend=backend,
                                  pack_size_bytes=pack_size_bytes, average=average,
                                  timeout_seconds=timeout_seconds)

@@ -106,18 +106,18 @@ def main(argv=None):
     tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
   strategy = tf.distribute.MirroredStrategy(
       [f"/cpu:{i}" for i in range(NUM_REPLICAS)])
-  topology = topology_lib.TorusTopology.for_replicas(
+  grid = topology_lib.TorusTopology.for_replicas(
       NUM_REPLICAS, topology_lib.parse_grid(args.torus_shape))
   group_sizes = [int(size) for size in args.group_sizes.split(",")]
   if group_sizes[:2] != [1, 2]:
     raise SystemExit("--group_sizes must start with 1,2 (the reported ratio)")
 
   print(f"ResNet-50, {args.image_size}x{args.image_size} images, per-replica batch "
-        f"{args.per_replica_batch}, {NUM_REPLICAS} logical CPUs as a {topology} torus; "
+        f"{args.per_replica_batch}, {NUM_REPLICAS} logical CPUs as a {grid} torus; "
         f"{args.rounds} rounds of {args.steps_per_round} steps per group size")
   # label -> norm_layer factory; the fused reference goes last.
   norm_layers = {f"bn_group_size {size}":
-                 group_batch_norm.make_batch_norm_factory(size, topology)
+                 group_batch_norm.make_batch_norm_factory(size, grid)
                  for size in group_sizes}
   if args.fused_reference:
     norm_layers["fused BatchNormalization"] = resnet_model.default_norm_layer
@@ -130,7 +130,7 @@ def main(argv=None):
     print(f"  {label}: built, traced and run once in "
           f"{time.perf_counter() - started:.0f} s", flush=True)
   for size in group_sizes:
-    print(f"  groups of {size}: {topology.block_groups(size)}")
+    print(f"  groups of {size}: {grid.block_groups(size)}")
 
   times = {label: [] for label in steps}
   for _ in range(args.rounds):

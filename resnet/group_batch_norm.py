@@ -13,15 +13,14 @@ the group. Combining sums (never averaging per-replica variances) gives the exac
 of the group's concatenated batch, also when replicas hold different numbers of examples.
 """
 
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import tensorflow as tf
 import tf_keras
 
 from allreduce import collectives
 from allreduce import topology as topology_lib
-
-GroupAssignment = List[List[int]]
+from allreduce.topology import GroupAssignment
 
 
 class GroupSyncBatchNormalization(tf_keras.layers.experimental.SyncBatchNormalization):
@@ -59,7 +58,7 @@ class GroupSyncBatchNormalization(tf_keras.layers.experimental.SyncBatchNormaliz
   def __init__(self,
                group_size: int = 1,
                group_assignment: Optional[Sequence[Sequence[int]]] = None,
-               seam: Optional[collectives.CollectiveSeam] = None,
+               backend: Optional[collectives.CollectiveBackend] = None,
                **kwargs):
     """Creates the layer.
 
@@ -67,8 +66,8 @@ class GroupSyncBatchNormalization(tf_keras.layers.experimental.SyncBatchNormaliz
       group_size: replicas per batch-norm group.
       group_assignment: the groups, as lists of replica ids that partition all
         replicas, each of `group_size` ids; `None` to derive them at call time.
-      seam: the collective back end; `None` asks `allreduce.collectives` for the one
-        that fits the strategy in scope at call time, so models never import it.
+      backend: the collective back end; `None` asks `allreduce.collectives` for the
+        one that fits the strategy in scope at call time, so models never import it.
       **kwargs: the usual `BatchNormalization` arguments (axis, momentum, epsilon,
         gamma_initializer, dtype, name, ...). `virtual_batch_size` is not supported.
     """
@@ -77,14 +76,16 @@ class GroupSyncBatchNormalization(tf_keras.layers.experimental.SyncBatchNormaliz
     if group_size < 1:
       raise ValueError(f"group_size must be positive, got {group_size}")
     if group_assignment is not None:
-      group_assignment = _checked_group_assignment(group_assignment, group_size)
+      # Lists, not the checker's tuples: `get_config` writes them out as given.
+      group_assignment = [list(group) for group in topology_lib.check_group_assignment(
+          group_assignment, group_size=group_size, name="batch-norm groups")]
     # SyncBatchNormalization logs once per process that its endpoint is deprecated
     # in favour of BatchNormalization(synchronized=True). Both run the same code; the
     # class is kept as the base because it names what this layer generalises.
     super().__init__(**kwargs)
     self.group_size = group_size
     self.group_assignment = group_assignment
-    self._seam = seam
+    self._backend = backend
 
   def get_config(self):
     config = super().get_config()
@@ -94,8 +95,8 @@ class GroupSyncBatchNormalization(tf_keras.layers.experimental.SyncBatchNormaliz
   def groups_for(self, num_replicas: int) -> GroupAssignment:
     """The group assignment this layer uses with `num_replicas` replicas."""
     if self.group_assignment is None:
-      topology = topology_lib.TorusTopology.for_replicas(num_replicas)
-      return topology.block_groups(self.group_size)
+      grid = topology_lib.TorusTopology.for_replicas(num_replicas)
+      return grid.block_groups(self.group_size)
     covered = sum(len(group) for group in self.group_assignment)
     if covered != num_replicas:
       raise ValueError(
@@ -153,12 +154,13 @@ class GroupSyncBatchNormalization(tf_keras.layers.experimental.SyncBatchNormaliz
 
   def _sum_over_group(self, local_sum, local_squared_sum, local_count, groups):
     """Sums the three moments over this replica's group in one collective."""
-    seam = self._seam or collectives.seam_for_strategy(tf.distribute.get_strategy())
+    backend = self._backend or collectives.backend_for_strategy(
+        tf.distribute.get_strategy())
     num_channels = local_sum.shape.num_elements()  # static: the axis sizes are known
     packed = tf.concat(
         [tf.reshape(local_sum, [-1]), tf.reshape(local_squared_sum, [-1]),
          tf.reshape(local_count, [1])], axis=0)
-    summed = _group_sum(packed, seam, groups)
+    summed = _group_sum(packed, backend, groups)
     group_sum, group_squared_sum, group_count = tf.split(
         summed, [num_channels, num_channels, 1])
     return (tf.reshape(group_sum, tf.shape(local_sum)),
@@ -166,8 +168,8 @@ class GroupSyncBatchNormalization(tf_keras.layers.experimental.SyncBatchNormaliz
             tf.reshape(group_count, []))
 
 
-def _group_sum(value, seam, groups):
-  """`seam.all_reduce_sum` with its gradient: the upstream gradient summed the same way.
+def _group_sum(value, backend, groups):
+  """`backend.all_reduce_sum` with its gradient: the upstream gradient summed alike.
 
   Every replica of a group receives the same sum, so the gradient of the loss (summed
   over replicas) with respect to one replica's input is the sum of the upstream
@@ -178,52 +180,39 @@ def _group_sum(value, seam, groups):
   @tf.custom_gradient
   def summed(value):
     def grad(upstream):
-      return seam.all_reduce_sum(upstream, groups)
-    return seam.all_reduce_sum(value, groups), grad
+      return backend.all_reduce_sum(upstream, groups)
+    return backend.all_reduce_sum(value, groups), grad
 
   return summed(value)
 
 
-def _checked_group_assignment(group_assignment, group_size) -> GroupAssignment:
-  groups = [[int(replica) for replica in group] for group in group_assignment]
-  members = sorted(replica for group in groups for replica in group)
-  if members != list(range(len(members))):
-    raise ValueError(
-        f"batch-norm groups must partition the replicas 0..n-1, got {groups}")
-  if any(len(group) != group_size for group in groups):
-    raise ValueError(
-        f"every batch-norm group must hold group_size={group_size} replicas, "
-        f"got {groups}")
-  return groups
-
-
 def make_batch_norm_factory(
     group_size: int,
-    topology: Optional[topology_lib.TorusTopology] = None,
+    grid: Optional[topology_lib.TorusTopology] = None,
     momentum: float = 0.9,
     epsilon: float = 1e-5,
-    seam: Optional[collectives.CollectiveSeam] = None,
+    backend: Optional[collectives.CollectiveBackend] = None,
 ) -> Callable[..., tf_keras.layers.Layer]:
   """The `norm_layer` factory the ResNet builder takes: `norm_layer(name=..., ...)`.
 
   Args:
     group_size: replicas per batch-norm group (`bn_group_size`).
-    topology: the replica torus; its `block_groups(group_size)` are the groups, and
+    grid: the replica torus; its `block_groups(group_size)` are the groups, and
       a size that does not tile it raises `TopologyError` here, before any model is
       built. `None` derives the groups at call time from the replica count.
     momentum: moving-average momentum (the reference TPU ResNet uses 0.9).
     epsilon: variance epsilon (the reference uses 1e-5).
-    seam: the collective back end; `None` picks it from the strategy at call time.
+    backend: the collective back end; `None` picks it from the strategy at call
+      time.
 
   Group size 1 also gets a `GroupSyncBatchNormalization` (which then issues no
   collective and computes plain batch-norm moments) rather than tf_keras' fused
   `BatchNormalization`: one code path, and one moving-variance convention at every
   group size (the fused kernel stores the unbiased n/(n-1) variance, the grouped layer
   the biased one, like `SyncBatchNormalization`), so a checkpoint means the same
-  whatever `bn_group_size` trained it. The price would be the fused kernel's speed;
-  `benchmarks/batch_norm.py` measures both and on the CPU replicas here they differ
-  by less than the run-to-run noise (the step is dominated by convolutions and the
-  gradient all-reduce).
+  whatever `bn_group_size` trained it. The price would be the fused kernel's speed,
+  small where the step is dominated by convolutions and the gradient all-reduce;
+  `benchmarks/batch_norm.py` measures both (docs/RESULTS.md, "Grouped batch norm").
 
   Returns:
     A callable taking layer keyword arguments (`name`, `gamma_initializer`, ...) and
@@ -232,8 +221,8 @@ def make_batch_norm_factory(
     activations are bfloat16 and the variables and moments float32.
   """
   group_assignment = None
-  if topology is not None:
-    group_assignment = topology.block_groups(group_size)
+  if grid is not None:
+    group_assignment = grid.block_groups(group_size)
   elif group_size < 1:
     raise topology_lib.TopologyError(
         f"batch-norm group size must be positive, got {group_size}")
@@ -243,6 +232,7 @@ def make_batch_norm_factory(
     kwargs.setdefault("momentum", momentum)
     kwargs.setdefault("epsilon", epsilon)
     return GroupSyncBatchNormalization(
-        group_size=group_size, group_assignment=group_assignment, seam=seam, **kwargs)
+        group_size=group_size, group_assignment=group_assignment, backend=backend,
+        **kwargs)
 
   return norm_layer

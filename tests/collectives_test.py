@@ -1,5 +1,5 @@
-"""Tests for allreduce.collectives: the collective seam on 8 logical CPUs, and the TPU
-back end traced (it cannot run here) and checked on its graph."""
+"""Tests for allreduce.collectives: the collective-ops back end on 8 logical CPUs, and
+the TPU back end traced (it cannot run here) and checked on its graph."""
 
 from tests import logical_devices
 
@@ -60,13 +60,13 @@ def reference_sum(values, group):
   return np.sum(values[list(group)].astype(np.float64), axis=0)
 
 
-class CollectiveOpsSeamTest(tf.test.TestCase, parameterized.TestCase):
+class CollectiveOpsBackendTest(tf.test.TestCase, parameterized.TestCase):
 
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
     cls.strategy = logical_devices.cpu_mirrored_strategy(8)
-    cls.seam = collectives.CollectiveOpsSeam(timeout_seconds=TIMEOUT_SECONDS)
+    cls.backend = collectives.CollectiveOpsBackend(timeout_seconds=TIMEOUT_SECONDS)
 
   @parameterized.named_parameters(*grid_groups())
   def test_all_reduce_reduce_scatter_all_gather(self, groups):
@@ -78,10 +78,10 @@ class CollectiveOpsSeamTest(tf.test.TestCase, parameterized.TestCase):
     pieces = per_replica_values([2, 3], np.int32, 8, seed=4)
 
     def step(r):
-      return (self.seam.all_reduce_sum(tf.constant(matrix[r]), groups),
-              self.seam.all_reduce_sum(tf.constant(scalar[r]), groups),
-              self.seam.reduce_scatter_sum(tf.constant(flat[r]), groups),
-              self.seam.all_gather(tf.constant(pieces[r]), groups))
+      return (self.backend.all_reduce_sum(tf.constant(matrix[r]), groups),
+              self.backend.all_reduce_sum(tf.constant(scalar[r]), groups),
+              self.backend.reduce_scatter_sum(tf.constant(flat[r]), groups),
+              self.backend.all_gather(tf.constant(pieces[r]), groups))
 
     summed, summed_scalar, scattered, gathered = run_per_replica(self.strategy, step)
     for r in range(8):
@@ -103,8 +103,8 @@ class CollectiveOpsSeamTest(tf.test.TestCase, parameterized.TestCase):
     halves = per_replica_values([7], np.float32, 8, seed=6)
 
     def step(r):
-      return (self.seam.all_reduce_sum(tf.constant(values[r]), groups),
-              self.seam.all_reduce_sum(tf.constant(halves[r], tf.bfloat16), groups))
+      return (self.backend.all_reduce_sum(tf.constant(values[r]), groups),
+              self.backend.all_reduce_sum(tf.constant(halves[r], tf.bfloat16), groups))
 
     summed, summed_half = run_per_replica(self.strategy, step)
     for r in range(8):
@@ -115,9 +115,9 @@ class CollectiveOpsSeamTest(tf.test.TestCase, parameterized.TestCase):
       self.assertAllEqual(summed_half[r].astype(np.float32),
                           reference_sum(halves, group))
 
-  def test_two_seams_and_two_groupings_in_one_step(self):
-    """Instance keys are process-wide: separate seams never collide."""
-    other = collectives.seam_for_strategy(self.strategy,
+  def test_two_backends_and_two_groupings_in_one_step(self):
+    """Instance keys are process-wide: separate back ends never collide."""
+    other = collectives.backend_for_strategy(self.strategy,
                                           timeout_seconds=TIMEOUT_SECONDS)
     rows = TorusTopology(2, 4).row_groups()
     blocks = TorusTopology(2, 4).block_groups(4)
@@ -125,8 +125,8 @@ class CollectiveOpsSeamTest(tf.test.TestCase, parameterized.TestCase):
 
     def step(r):
       v = tf.constant(values[r])
-      return (self.seam.all_reduce_sum(v, rows), other.all_reduce_sum(v, rows),
-              other.all_reduce_sum(v, blocks), self.seam.all_reduce_sum(v, blocks))
+      return (self.backend.all_reduce_sum(v, rows), other.all_reduce_sum(v, rows),
+              other.all_reduce_sum(v, blocks), self.backend.all_reduce_sum(v, blocks))
 
     outputs = run_per_replica(self.strategy, step)
     for r in range(8):
@@ -141,7 +141,7 @@ class CollectiveOpsSeamTest(tf.test.TestCase, parameterized.TestCase):
       strategy = logical_devices.cpu_mirrored_strategy(count)
       groups = TorusTopology.for_replicas(count, (2, count // 2)).column_groups()
       outputs = run_per_replica(
-          strategy, lambda r, g=groups: self.seam.all_reduce_sum(
+          strategy, lambda r, g=groups: self.backend.all_reduce_sum(
               tf.constant(values[r]), g))
       for r in range(count):
         self.assertAllEqual(outputs[r],
@@ -157,7 +157,7 @@ class CollectiveOpsSeamTest(tf.test.TestCase, parameterized.TestCase):
       def replica_fn():
         context = tf.distribute.get_replica_context()
         r = tf.cast(context.replica_id_in_sync_group, tf.float32)
-        return self.seam.all_reduce_sum(r + counter, groups)
+        return self.backend.all_reduce_sum(r + counter, groups)
       result = self.strategy.run(replica_fn)
       counter.assign_add(1.0)
       return result
@@ -175,18 +175,18 @@ class CollectiveOpsSeamTest(tf.test.TestCase, parameterized.TestCase):
   def test_bad_group_assignment_fails_at_trace_time(self, groups, message):
     with self.assertRaisesRegex(TopologyError, message):
       run_per_replica(self.strategy,
-                      lambda r: self.seam.all_reduce_sum(tf.constant(1.0), groups))
+                      lambda r: self.backend.all_reduce_sum(tf.constant(1.0), groups))
 
   def test_reduce_scatter_needs_divisible_1d_input(self):
     groups = TorusTopology(4, 2).row_groups()
     with self.assertRaisesRegex(ValueError, "divisible by the group size 4"):
-      run_per_replica(self.strategy, lambda r: self.seam.reduce_scatter_sum(
+      run_per_replica(self.strategy, lambda r: self.backend.reduce_scatter_sum(
           tf.zeros([6]), groups))
     with self.assertRaisesRegex(ValueError, "1-D"):
-      run_per_replica(self.strategy, lambda r: self.seam.reduce_scatter_sum(
+      run_per_replica(self.strategy, lambda r: self.backend.reduce_scatter_sum(
           tf.zeros([4, 2]), groups))
     # The failed traces allocated no instance keys: the group still works.
-    outputs = run_per_replica(self.strategy, lambda r: self.seam.reduce_scatter_sum(
+    outputs = run_per_replica(self.strategy, lambda r: self.backend.reduce_scatter_sum(
         tf.fill([8], float(r)), groups))
     self.assertAllEqual(outputs[5], [22.0, 22.0])
 
@@ -194,41 +194,42 @@ class CollectiveOpsSeamTest(tf.test.TestCase, parameterized.TestCase):
     groups = TorusTopology(4, 2).row_groups()
     with self.assertRaisesRegex(ValueError, "rank >= 1"):
       run_per_replica(self.strategy,
-                      lambda r: self.seam.all_gather(tf.constant(1.0), groups))
+                      lambda r: self.backend.all_gather(tf.constant(1.0), groups))
 
   def test_needs_replica_context(self):
     with self.assertRaisesRegex(RuntimeError, "replica context"):
       with self.strategy.scope():
-        self.seam.all_reduce_sum(tf.constant(1.0), [[0]])
+        self.backend.all_reduce_sum(tf.constant(1.0), [[0]])
 
 
-class SeamForStrategyTest(tf.test.TestCase):
+class BackendForStrategyTest(tf.test.TestCase):
 
   def test_mirrored_and_default_get_collective_ops(self):
     strategy = logical_devices.cpu_mirrored_strategy(8)
-    self.assertIsInstance(collectives.seam_for_strategy(strategy),
-                          collectives.CollectiveOpsSeam)
-    self.assertIsInstance(collectives.seam_for_strategy(),
-                          collectives.CollectiveOpsSeam)
+    self.assertIsInstance(collectives.backend_for_strategy(strategy),
+                          collectives.CollectiveOpsBackend)
+    self.assertIsInstance(collectives.backend_for_strategy(),
+                          collectives.CollectiveOpsBackend)
     with strategy.scope():
-      self.assertIsInstance(collectives.seam_for_strategy(),
-                            collectives.CollectiveOpsSeam)
+      self.assertIsInstance(collectives.backend_for_strategy(),
+                            collectives.CollectiveOpsBackend)
 
   def test_gpu_replicas_get_nccl(self):
     gpu_strategy = mock.Mock(spec=tf.distribute.MirroredStrategy)
     gpu_strategy.extended.worker_devices = (
         "/job:localhost/replica:0/task:0/device:GPU:0",
         "/job:localhost/replica:0/task:0/device:GPU:1")
-    seam = collectives.seam_for_strategy(gpu_strategy)
-    self.assertEqual(seam._communication_hint, "nccl")
-    cpu_seam = collectives.seam_for_strategy(logical_devices.cpu_mirrored_strategy(8))
-    self.assertEqual(cpu_seam._communication_hint, "auto")
+    backend = collectives.backend_for_strategy(gpu_strategy)
+    self.assertEqual(backend._communication_hint, "nccl")
+    cpu_backend = collectives.backend_for_strategy(
+        logical_devices.cpu_mirrored_strategy(8))
+    self.assertEqual(cpu_backend._communication_hint, "auto")
 
   def test_tpu_strategy_gets_the_tpu_back_end(self):
     # No TPU here: an uninitialised instance is enough for the type dispatch.
     fake_tpu_strategy = tf.distribute.TPUStrategy.__new__(tf.distribute.TPUStrategy)
-    self.assertIsInstance(collectives.seam_for_strategy(fake_tpu_strategy),
-                          collectives.TpuCollectiveSeam)
+    self.assertIsInstance(collectives.backend_for_strategy(fake_tpu_strategy),
+                          collectives.TpuBackend)
 
 
 def traced_ops(strategy, step):
@@ -241,19 +242,19 @@ def traced_ops(strategy, step):
   return run.get_concrete_function().graph.get_operations()
 
 
-class TpuCollectiveSeamTracingTest(tf.test.TestCase, parameterized.TestCase):
+class TpuBackendTracingTest(tf.test.TestCase, parameterized.TestCase):
   """The TPU ops cannot execute on CPU, but their graphs can be built and checked."""
 
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
     cls.strategy = logical_devices.cpu_mirrored_strategy(8)
-    cls.seam = collectives.TpuCollectiveSeam()
+    cls.backend = collectives.TpuBackend()
 
   @parameterized.parameters((2, 4), (4, 2), (8, 1))
   def test_all_reduce_is_cross_replica_sum(self, x, y):
     groups = TorusTopology(x, y).row_groups()
-    ops = traced_ops(self.strategy, lambda: self.seam.all_reduce_sum(
+    ops = traced_ops(self.strategy, lambda: self.backend.all_reduce_sum(
         tf.ones([3, 2], tf.bfloat16), groups))
     sums = [op for op in ops if op.type == "CrossReplicaSum"]
     self.assertLen(sums, 8)  # one per replica
@@ -266,7 +267,7 @@ class TpuCollectiveSeamTracingTest(tf.test.TestCase, parameterized.TestCase):
   def test_reduce_scatter_is_xla_reduce_scatter(self):
     groups = TorusTopology(4, 2).row_groups()
     ops = traced_ops(self.strategy,
-                     lambda: self.seam.reduce_scatter_sum(tf.ones([12]), groups))
+                     lambda: self.backend.reduce_scatter_sum(tf.ones([12]), groups))
     scatters = [op for op in ops if op.type == "XlaReduceScatter"]
     self.assertLen(scatters, 8)
     for op in scatters:
@@ -279,7 +280,7 @@ class TpuCollectiveSeamTracingTest(tf.test.TestCase, parameterized.TestCase):
   def test_all_gather_is_a_ring_of_collective_permutes(self):
     groups = TorusTopology(2, 4).column_groups()  # groups of 4
     ops = traced_ops(self.strategy,
-                     lambda: self.seam.all_gather(tf.ones([5, 2]), groups))
+                     lambda: self.backend.all_gather(tf.ones([5, 2]), groups))
     permutes = [op for op in ops if op.type == "CollectivePermute"]
     # Per replica: g - 1 steps forward and g - 1 backward, each a half piece.
     self.assertLen(permutes, 8 * 2 * 3)
@@ -300,15 +301,15 @@ class TpuCollectiveSeamTracingTest(tf.test.TestCase, parameterized.TestCase):
   def test_groups_of_one_emit_no_collective(self):
     groups = TorusTopology(1, 8).row_groups()
     ops = traced_ops(self.strategy, lambda: (
-        self.seam.all_reduce_sum(tf.ones([3]), groups),
-        self.seam.reduce_scatter_sum(tf.ones([3]), groups),
-        self.seam.all_gather(tf.ones([3]), groups)))
+        self.backend.all_reduce_sum(tf.ones([3]), groups),
+        self.backend.reduce_scatter_sum(tf.ones([3]), groups),
+        self.backend.all_gather(tf.ones([3]), groups)))
     self.assertFalse([op for op in ops if op.type in (
         "CrossReplicaSum", "AllToAll", "XlaReduceScatter", "CollectivePermute")])
 
   def test_bad_groups_fail_while_tracing(self):
     with self.assertRaisesRegex(TopologyError, "exactly once"):
-      traced_ops(self.strategy, lambda: self.seam.all_reduce_sum(
+      traced_ops(self.strategy, lambda: self.backend.all_reduce_sum(
           tf.ones([3]), [[0, 1, 2, 3]]))
 
   def test_rank_table_and_ring_pairs(self):
@@ -320,14 +321,14 @@ class TpuCollectiveSeamTracingTest(tf.test.TestCase, parameterized.TestCase):
                      [[0, 2], [1, 0], [2, 1]])
 
 
-class TpuCollectiveSeamEmulatedTest(tf.test.TestCase, parameterized.TestCase):
+class TpuBackendEmulatedTest(tf.test.TestCase, parameterized.TestCase):
   """The TPU back end's results, with its ops emulated on the CPU."""
 
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
     cls.strategy = logical_devices.cpu_mirrored_strategy(8)
-    cls.seam = collectives.TpuCollectiveSeam()
+    cls.backend = collectives.TpuBackend()
 
   @parameterized.named_parameters(*grid_groups())
   def test_all_reduce_reduce_scatter_all_gather(self, groups):
@@ -337,9 +338,9 @@ class TpuCollectiveSeamEmulatedTest(tf.test.TestCase, parameterized.TestCase):
     odd_pieces = per_replica_values([3, 1], np.float32, 8, seed=13)  # 3 values
 
     def step(r):
-      return (self.seam.all_reduce_sum(tf.constant(matrix[r]), groups),
-              self.seam.reduce_scatter_sum(tf.constant(flat[r]), groups),
-              self.seam.all_gather(tf.constant(odd_pieces[r]), groups))
+      return (self.backend.all_reduce_sum(tf.constant(matrix[r]), groups),
+              self.backend.reduce_scatter_sum(tf.constant(flat[r]), groups),
+              self.backend.all_gather(tf.constant(odd_pieces[r]), groups))
 
     with tpu_emulation.emulated_tpu_ops(TIMEOUT_SECONDS):
       summed, scattered, gathered = run_per_replica(self.strategy, step)

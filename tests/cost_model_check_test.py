@@ -2,10 +2,11 @@
 
 The real torus aggregator sums ResNet-50's real gradient list (161 float32 tensors,
 25,557,032 values) on 8 logical CPU replicas as 2x4, 4x2, 1x8 and 8x1 grids (and
-through the TPU back end, traced, on 2x4 and 4x2), while
-`allreduce.collectives.record_collectives` logs every collective op the seam builds:
-its kind, the issuing replica, its group and its payload. The step function is only
-traced (`get_concrete_function`), never run: counting needs the ops, not their data.
+through the TPU back end, traced, on 2x4 and 4x2), through a
+`tests.collective_recorder.RecordingBackend` that logs every collective op the back
+end builds: its kind, the issuing replica, its group and its payload. The step
+function is only traced (`get_concrete_function`), never run: counting needs the ops,
+not their data.
 
 What is compared, for every replica and every pack of `plan_packs` (the aggregator
 packs the gradients into buffers of at most `pack_size_bytes`, each padded to a
@@ -45,6 +46,7 @@ from allreduce import cost_model
 from allreduce import torus_aggregator
 from allreduce.topology import TorusTopology
 from resnet import resnet_model
+from tests.collective_recorder import RecordingBackend
 
 NUM_REPLICAS = 8
 PHASE_OF_KIND = {"all_to_all": "reduce_scatter_x", "reduce_scatter": "reduce_scatter_x",
@@ -86,10 +88,11 @@ class CostModelMatchesImplementationTest(tf.test.TestCase, parameterized.TestCas
     self.assertEqual(sum(tf.TensorShape(s).num_elements() for s in self.shapes),
                      cost_model.RESNET50_NUM_PARAMETERS)
 
-  def _trace(self, x, y, seam, pack_size_bytes):
+  def _trace(self, x, y, backend, pack_size_bytes):
     """Traces one aggregation of the gradient list; returns (log, graph ops)."""
+    log = RecordingBackend(backend)
     aggregator = allreduce.make_torus_aggregator(
-        (x, y), seam=seam, pack_size_bytes=pack_size_bytes)
+        (x, y), backend=log, pack_size_bytes=pack_size_bytes)
     shapes = self.shapes
 
     @tf.function(autograph=False)
@@ -97,8 +100,7 @@ class CostModelMatchesImplementationTest(tf.test.TestCase, parameterized.TestCas
       return self.strategy.run(
           lambda: aggregator.all_reduce([tf.zeros(s, tf.float32) for s in shapes]))
 
-    with collectives.record_collectives() as log:
-      graph = step.get_concrete_function().graph
+    graph = step.get_concrete_function().graph
     return log, [op for op in graph.get_operations() if op.type in GRAPH_OPS]
 
   @parameterized.named_parameters(
@@ -110,9 +112,9 @@ class CostModelMatchesImplementationTest(tf.test.TestCase, parameterized.TestCas
       ("4x2_tpu", 4, 2, "tpu", torus_aggregator.DEFAULT_PACK_SIZE_BYTES),
   )
   def test_counts_per_pack_and_in_total(self, x, y, backend, pack_size_bytes):
-    seam = (collectives.TpuCollectiveSeam() if backend == "tpu"
-            else collectives.CollectiveOpsSeam())
-    log, graph_ops = self._trace(x, y, seam, pack_size_bytes)
+    issuing = (collectives.TpuBackend() if backend == "tpu"
+               else collectives.CollectiveOpsBackend())
+    log, graph_ops = self._trace(x, y, issuing, pack_size_bytes)
     grid = TorusTopology(x, y)
     packs = torus_aggregator.plan_packs(
         [tf.TensorShape(s).num_elements() for s in self.shapes],
@@ -185,27 +187,29 @@ class CostModelMatchesImplementationTest(tf.test.TestCase, parameterized.TestCas
                      len(packs) * whole.ring_steps)
 
 
-class CollectiveLogTest(tf.test.TestCase):
-  """The recorder itself: it records inside its block only, every log in scope."""
+class RecordingBackendTest(tf.test.TestCase):
+  """The recorder itself: it records the calls that pass through it only, and a
+  recorder wrapping another records into both."""
 
-  def test_records_inside_the_block_only(self):
+  def test_records_what_passes_through_it_only(self):
     strategy = logical_devices.cpu_mirrored_strategy(NUM_REPLICAS)
-    aggregator = allreduce.make_torus_aggregator((2, 4), seam=strategy)
+    outer = RecordingBackend(collectives.backend_for_strategy(strategy))
+    inner = RecordingBackend(outer)
 
-    def trace():
+    def trace(backend):
+      aggregator = allreduce.make_torus_aggregator((2, 4), backend=backend)
+
       @tf.function(autograph=False)
       def step():
         return strategy.run(lambda: aggregator.all_reduce([tf.zeros([10, 3])]))
       return step.get_concrete_function()
 
-    with collectives.record_collectives() as outer:
-      with collectives.record_collectives() as inner:
-        trace()
-      self.assertEqual(outer.records, inner.records)
-      trace()
+    trace(inner)
+    self.assertEqual(outer.records, inner.records)
+    trace(outer)
     self.assertLen(inner.records, NUM_REPLICAS * 3)  # one pack, three phases
     self.assertLen(outer.records, 2 * NUM_REPLICAS * 3)
-    trace()
+    trace(outer.inner)  # the production back end alone records nothing
     self.assertLen(outer.records, 2 * NUM_REPLICAS * 3)
     record = inner.for_replica(5)[0]
     self.assertEqual((record.kind, record.op, record.group, record.dtype),

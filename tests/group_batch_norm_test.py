@@ -286,7 +286,7 @@ class GroupSyncBatchNormalizationTest(tf.test.TestCase, parameterized.TestCase):
         group_size)
     layer = build_layer(self.strategy, group_batch_norm.GroupSyncBatchNormalization,
                         group_size=group_size, group_assignment=groups,
-                        seam=collectives.TpuCollectiveSeam())
+                        backend=collectives.TpuBackend())
     for with_gradient, calls_per_replica in ((False, 1), (True, 2)):
       graph = self.trace_training_step(layer, with_gradient)
       sums = [op for op in graph.get_operations() if op.type == "CrossReplicaSum"]

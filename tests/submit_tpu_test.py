@@ -231,6 +231,14 @@ class BadInputTest(tf.test.TestCase, parameterized.TestCase):
       ("bad_grid_text", dict(trainer_args=("--torus_shape=2by4",)), "torus_shape"),
       ("batch_not_divisible", dict(trainer_args=("--train_batch_size", "1020")),
        "train_batch_size"),
+      # The trainer's own replica check: the preset's values count too.
+      ("preset_eval_batch_not_divisible",
+       dict(accelerator_type="v3-128",
+            trainer_args=("--train_batch_size=1024", "--torus_shape=8x16")),
+       "eval_batch_size"),
+      ("bn_group_does_not_tile", dict(trainer_args=("--bn_group_size=3",)),
+       "bn_group_size"),
+      ("unknown_preset", dict(trainer_args=("--preset=huge",)), "preset"),
       ("local_data_dir", dict(data_dir="/data/imagenet"), "data_dir"),
       ("local_model_dir", dict(model_dir="runs/r50"), "model_dir"),
       ("missing_model_dir", dict(model_dir=""), "model_dir"),
@@ -253,7 +261,7 @@ class BadInputTest(tf.test.TestCase, parameterized.TestCase):
 
   def test_grid_error_suggests_a_fit(self):
     with self.assertRaisesRegex(submit_tpu.SubmitError,
-                                r"has 32; .* --torus_shape=4x8"):
+                                r"v3-32 runs 32 replicas: .* e\.g\. 4x8"):
       submit_tpu.validate(_job(accelerator_type="v3-32"))
 
 

@@ -71,7 +71,7 @@ class TorusTopologyTest(tf.test.TestCase, parameterized.TestCase):
 
   @parameterized.parameters(((0, 1, 2),), ((0, 1, 2, 2),), ((1, 2, 3, 4),))
   def test_rejects_bad_device_order(self, order):
-    with self.assertRaisesRegex(TopologyError, "permutation"):
+    with self.assertRaisesRegex(TopologyError, "device_order .* exactly once"):
       TorusTopology(2, 2, order)
 
   @parameterized.parameters(*ALL_GRIDS)

@@ -343,7 +343,7 @@ class TpuTracingTest(tf.test.TestCase, parameterized.TestCase):
   def test_three_phases_with_the_grid_groups(self, x, y):
     strategy = logical_devices.cpu_mirrored_strategy(8)
     aggregator = allreduce.make_torus_aggregator(
-        (x, y), seam=collectives.TpuCollectiveSeam(), pack_size_bytes=256)
+        (x, y), backend=collectives.TpuBackend(), pack_size_bytes=256)
     specs = [(s, d) for s, d in GRADIENT_SPECS if s is not None]
 
     @tf.function(autograph=False)
@@ -386,7 +386,7 @@ class TpuTracingTest(tf.test.TestCase, parameterized.TestCase):
     topology = TorusTopology.from_physical_coordinates(points)
     self.assertEqual(topology.shape, (4, 2))
     aggregator = allreduce.make_torus_aggregator(
-        topology, seam=collectives.TpuCollectiveSeam(), pack_size_bytes=256)
+        topology, backend=collectives.TpuBackend(), pack_size_bytes=256)
     values = make_values(integer_valued=True, seed=9)
     with tpu_emulation.emulated_tpu_ops(TIMEOUT_SECONDS):
       results = run_aggregation(strategy, aggregator.all_reduce, values)

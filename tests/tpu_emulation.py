@@ -1,9 +1,9 @@
 """The TPU back end's ops emulated on CPU collectives, for tests that run it.
 
-`TpuCollectiveSeam` builds XLA ops that have no CPU kernels. Inside
-`emulated_tpu_ops()` they are replaced by emulations on `CollectiveOpsSeam` that read
+`TpuBackend` builds XLA ops that have no CPU kernels. Inside
+`emulated_tpu_ops()` they are replaced by emulations on `CollectiveOpsBackend` that read
 each op's constant group assignment (or source-target pairs) and do what XLA defines
-for it, so the seam's own logic around them runs for real under a MirroredStrategy
+for it, so the back end's own logic around them runs for real under a MirroredStrategy
 (where, unlike on TPU, the replica id is known while tracing).
 """
 
@@ -16,13 +16,13 @@ from allreduce import collectives
 
 
 def emulated_tpu_ops(timeout_seconds: float = 60.0):
-  """Patches the TPU ops with CPU emulations on `CollectiveOpsSeam`, in a `with`.
+  """Patches the TPU ops with CPU emulations on `CollectiveOpsBackend`, in a `with`.
 
   Each emulation reads the op's constant group assignment (or pairs) and does what
   XLA defines for it, so everything around the ops (chunking, ranks, the table
   lookup, the ring bookkeeping) runs for real on 8 logical CPUs.
   """
-  cpu = collectives.CollectiveOpsSeam(timeout_seconds=timeout_seconds)
+  cpu = collectives.CollectiveOpsBackend(timeout_seconds=timeout_seconds)
 
   def groups_of(constant):
     return tf.get_static_value(constant).tolist()

@@ -33,9 +33,10 @@ docs/TPU.md gives the sources. The plan, in order:
   4. with --delete_after: delete the slice, also when an earlier step failed.
 
 Building the plan is pure (`build_plan`), so tests and --dry_run see exactly the
-commands the runner would execute. Bad input (unknown accelerator type, a grid or
-batch that does not fit the slice's replicas, a non-gs:// directory) raises
-`SubmitError` before anything runs.
+commands the runner would execute. Bad input (unknown accelerator type, a grid,
+batch or batch-norm group that does not fit the slice's replicas, by the trainer's own
+`check_against_replicas`, a non-gs:// directory) raises `SubmitError` before anything
+runs.
 """
 
 import dataclasses
@@ -49,14 +50,12 @@ import tempfile
 from typing import Callable, List, Optional, Sequence, Tuple
 
 from allreduce import topology
+from training import config as config_lib
+from training.flag_error import FlagError
 
-
-class SubmitError(ValueError):
-  """A submission that cannot work; `flag` names the flag to fix."""
-
-  def __init__(self, flag: str, message: str):
-    super().__init__(f"--{flag}: {message}")
-    self.flag = flag
+# A submission that cannot work; `flag` names the flag to fix. The trainer's own
+# class, so a config check's error passes through unchanged.
+SubmitError = FlagError
 
 
 # ---------------------------------------------------------------------------
@@ -263,32 +262,41 @@ def validate(job: TpuJob) -> SliceSpec:
   return spec
 
 
+# Trainer flags, besides --preset and --torus_shape, that the replica check reads.
+_REPLICA_CHECKED_FLAGS = ("train_batch_size", "eval_batch_size", "bn_group_size")
+
+
 def _check_replicas(trainer_args: Sequence[str], spec: SliceSpec):
-  """The trainer's grid and batch must fit the slice's replica count."""
+  """The trainer's config must fit the slice's replicas: its own check, run here.
+
+  The values are those main.py will use, its preset's overridden by the flags
+  after `--`, so a grid, batch or batch-norm group that cannot fit fails before a
+  slice is made. Only what `check_against_replicas` reads is filled in; the trainer
+  checks the rest when it starts.
+  """
+  preset = trainer_flag_value(trainer_args, "preset") or config_lib.TrainConfig.preset
+  if preset not in config_lib.PRESETS:
+    raise SubmitError("preset", f"unknown preset {preset!r}; choose one of "
+                      f"{', '.join(sorted(config_lib.PRESETS))}")
+  values = dict(config_lib.PRESETS[preset])
   shape_text = trainer_flag_value(trainer_args, "torus_shape")
   if shape_text:
     try:
-      x_size, y_size = topology.parse_grid(shape_text)
+      values["torus_shape"] = topology.parse_grid(shape_text)
     except topology.TopologyError as e:
       raise SubmitError("torus_shape", str(e)) from None
-    if x_size * y_size != spec.replicas:
-      x_fit, y_fit = topology.most_square_grid(spec.replicas)
-      raise SubmitError(
-          "torus_shape",
-          f"{x_size}x{y_size} holds {x_size * y_size} replicas but "
-          f"{spec.accelerator_type} has {spec.replicas}; use a shape whose product "
-          f"is {spec.replicas}, e.g. --torus_shape={x_fit}x{y_fit}")
-  batch_text = trainer_flag_value(trainer_args, "train_batch_size")
-  if batch_text:
-    if not batch_text.isdigit() or int(batch_text) < 1:
-      raise SubmitError("train_batch_size",
-                        f"must be a positive integer, got {batch_text!r}")
-    batch = int(batch_text)
-    if batch % spec.replicas:
-      raise SubmitError(
-          "train_batch_size",
-          f"{batch} does not split evenly over the {spec.replicas} replicas of "
-          f"{spec.accelerator_type}; use a multiple of {spec.replicas}")
+  for name in _REPLICA_CHECKED_FLAGS:
+    text = trainer_flag_value(trainer_args, name)
+    if text:
+      if not text.isdigit() or int(text) < 1:
+        raise SubmitError(name, f"must be a positive integer, got {text!r}")
+      values[name] = int(text)
+  try:
+    config_lib.check_against_replicas(config_lib.TrainConfig.from_flat(preset, **values),
+                                      spec.replicas)
+  except SubmitError as e:
+    raise SubmitError(e.flag, f"{spec.accelerator_type} runs {spec.replicas} "
+                      f"replicas: {e.message}") from None
 
 
 # ---------------------------------------------------------------------------

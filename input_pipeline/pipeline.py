@@ -14,6 +14,7 @@ zero-weight examples.
 
 import dataclasses
 import random
+import uuid
 
 import tensorflow as tf
 from absl import logging
@@ -34,25 +35,52 @@ DIGITS_AREA_RANGE = (0.5, 1.0)
 class SkippedImageCounter:
   """Counts records dropped because their image bytes could not be decoded.
 
-  Backed by a CPU variable so the count can be read while the pipeline runs (and logged
-  by the trainer). Pass one instance to several datasets to get a total.
+  Backed by an int64 resource on the host CPU, so the count can be read while the
+  pipeline runs (and logged by the trainer). Pass one instance to several datasets to
+  get a total.
+
+  Why a raw resource (`tf.raw_ops.VarHandleOp`) and not a `tf.Variable`: inside
+  `strategy.scope()` every `tf.Variable` goes through the strategy's variable creator,
+  which ignores `tf.device` (TPUStrategy) or mirrors the variable onto every replica
+  (MirroredStrategy), so the host-side `Dataset.map` that counts would capture a
+  device variable. A raw resource goes through no creator, stays where it is made,
+  and is neither tracked nor checkpointed (a count of skips is not state to restore).
   """
 
   def __init__(self):
-    # init_scope: the counter must be a real variable even if the dataset is built
-    # inside a tf.function (e.g. a tf_keras DatasetCreator).
+    # init_scope: the resource must exist eagerly even if the dataset is built inside a
+    # tf.function (e.g. a tf_keras DatasetCreator).
     with tf.init_scope(), tf.device("/cpu:0"):
-      self._count = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_images")
+      self._resource = tf.raw_ops.VarHandleOp(
+          dtype=tf.int64, shape=[], shared_name=f"skipped_images_{uuid.uuid4().hex}")
+      tf.raw_ops.AssignVariableOp(resource=self._resource,
+                                  value=tf.constant(0, tf.int64))
+
+  def __del__(self):
+    try:
+      with tf.init_scope():
+        tf.raw_ops.DestroyResourceOp(resource=self._resource, ignore_lookup_error=True)
+    except Exception:  # pylint: disable=broad-except
+      pass  # The runtime may already be gone at interpreter exit.
+
+  @property
+  def device(self):
+    """The device holding the count (the host's CPU)."""
+    return self._resource.device
 
   def count(self):
-    return int(self._count.numpy())
+    return int(tf.raw_ops.ReadVariableOp(resource=self._resource, dtype=tf.int64))
 
   def note_skipped(self, filename):
     """Adds one and logs the file name; returns the new count."""
-    total = self._count.assign_add(1)
-    tf.print("input_pipeline: skipped undecodable image", filename,
-             "- images skipped so far:", total, output_stream=logging.warning)
-    return total
+    added = tf.raw_ops.AssignAddVariableOp(resource=self._resource,
+                                           value=tf.constant(1, tf.int64))
+    with tf.control_dependencies([added]):
+      total = tf.raw_ops.ReadVariableOp(resource=self._resource, dtype=tf.int64)
+    printed = tf.print("input_pipeline: skipped undecodable image", filename,
+                       "- images skipped so far:", total, output_stream=logging.warning)
+    with tf.control_dependencies([printed]):
+      return tf.identity(total)
 
 
 def list_shards(file_pattern):
@@ -391,44 +419,88 @@ def decode_and_batch(seeded_examples, *, is_training, batch_size, image_size, dt
                      max_crop_attempts, eval_crop_fraction, use_dct_scaling,
                      resize_method, drop_remainder, prefetch_batches,
                      skipped_image_counter, pad_to_batches=None,
-                     private_threadpool_size=None):
+                     private_threadpool_size=None, decode_group_size=32):
   """The second half of every real-data pipeline: check, decode, augment, batch.
 
   Args:
     seeded_examples: dataset of (seed [2], example dict with "image_bytes", "label",
       "filename", "bboxes"), as `schema.parse_example` makes.
+    decode_group_size: records decoded together under one error guard (see
+      `preprocessing.dataset_skipping_errors`): larger spreads the guard's fixed cost
+      thinner, smaller keeps fewer images in flight per parallel call.
     The rest: see `create_tfrecord_dataset`.
   """
   if pad_to_batches is not None and is_training:
     raise ValueError("pad_to_batches applies to evaluation only.")
 
   def check(seed, example):
-    # Count and log here, before decoding: a truncated JPEG would fail the decode op
-    # and with it the whole run.
+    # Count and log here, before decoding: the common corruptions (truncated, empty,
+    # not an image) are visible in a few bytes and need no decode attempt.
     valid = tf.cond(preprocessing.is_decodable_image(example["image_bytes"]),
                     lambda: True,
                     lambda: skipped_image_counter.note_skipped(example["filename"]) < 0)
     return seed, example, valid
 
-  def decode(seed, example, valid):
-    del valid
+  def decode(seed, image_bytes, bboxes, label):
+    # Only the decoding half runs under the error guard (see decode_group).
     if is_training:
-      image = preprocessing.preprocess_for_train(
-          example["image_bytes"], example["bboxes"], seed, image_size=image_size,
-          area_range=area_range, aspect_ratio_range=aspect_ratio_range,
-          max_attempts=max_crop_attempts, use_dct_scaling=use_dct_scaling,
-          resize_method=resize_method, dtype=dtype)
+      image = preprocessing.decode_for_train(
+          image_bytes, bboxes, seed, image_size=image_size, area_range=area_range,
+          aspect_ratio_range=aspect_ratio_range, max_attempts=max_crop_attempts,
+          use_dct_scaling=use_dct_scaling)
     else:
-      image = preprocessing.preprocess_for_eval(
-          example["image_bytes"], image_size=image_size, crop_fraction=eval_crop_fraction,
-          use_dct_scaling=use_dct_scaling, resize_method=resize_method, dtype=dtype)
-    return image, example["label"]
+      image = preprocessing.decode_and_center_crop(
+          image_bytes, output_size=image_size, crop_fraction=eval_crop_fraction,
+          use_dct_scaling=use_dct_scaling)
+    return seed, image, label
+
+  def finish(seed, image, label):
+    if is_training:
+      image = preprocessing.finish_for_train(image, seed, image_size=image_size,
+                                             resize_method=resize_method, dtype=dtype)
+    else:
+      image = preprocessing.finish_for_eval(image, image_size=image_size,
+                                            resize_method=resize_method, dtype=dtype)
+    return image, label
+
+  def decode_group(seeds, examples, valid):
+    """Decodes a group of checked records; counts and drops those the decoder rejects.
+
+    What the cheap check passes can still make libjpeg (or the PNG, GIF, BMP decoder)
+    raise: a corrupt header, or a stray marker in the entropy-coded data. Decoding
+    under `dataset_skipping_errors` turns that error into a skipped record.
+    """
+    del valid
+    # Padded boxes and their counts: the nested dataset then slices plain tensors.
+    # (`ragged_batch` keeps boxes dense when every record has the same static count.)
+    boxes = examples["bboxes"]
+    if isinstance(boxes, tf.RaggedTensor):
+      num_boxes = boxes.row_lengths()
+      padded_boxes = boxes.to_tensor(shape=[None, None, 4])
+    else:
+      num_boxes = tf.fill(tf.shape(boxes, out_type=tf.int64)[:1],
+                          tf.shape(boxes, out_type=tf.int64)[1])
+      padded_boxes = boxes
+    decoded_signature = (tf.TensorSpec([2], seeds.dtype),
+                         tf.TensorSpec([None, None, 3], tf.uint8),
+                         tf.TensorSpec([], tf.int32))
+    return preprocessing.dataset_skipping_errors(
+        lambda seed, image_bytes, boxes, count, label: decode(
+            seed, image_bytes, boxes[:count], label),
+        (seeds, examples["image_bytes"], padded_boxes, num_boxes, examples["label"]),
+        decoded_signature,
+        lambda index: skipped_image_counter.note_skipped(examples["filename"][index]))
 
   examples = (seeded_examples
               .map(check, num_parallel_calls=num_parallel_calls,
                    deterministic=deterministic)
               .filter(lambda seed, example, valid: valid)
-              .map(decode, num_parallel_calls=num_parallel_calls,
+              .ragged_batch(decode_group_size)
+              # A whole group per turn keeps the records in their order.
+              .interleave(decode_group, block_length=decode_group_size,
+                          num_parallel_calls=num_parallel_calls,
+                          deterministic=deterministic)
+              .map(finish, num_parallel_calls=num_parallel_calls,
                    deterministic=deterministic))
   if pad_to_batches is None:
     batches = examples.batch(batch_size, drop_remainder=drop_remainder)

@@ -62,11 +62,36 @@ def has_jpeg_end_marker(image_bytes):
 
 
 def is_decodable_image(image_bytes):
-  """Cheap check, before decoding, that the bytes hold a complete image.
+  """Cheap check, before decoding, that the bytes can be an image the decoders know.
 
-  A complete JPEG, or a PNG (with its IEND chunk), GIF or BMP, which the generic
-  decoder handles: a PNG stored in a "JPEG" field is decoded, not skipped. Anything else
-  would raise inside the decode op and end the run, so the pipeline drops and counts it.
+  True for a JPEG with its end marker, a PNG with its IEND chunk, a GIF or a BMP (a PNG
+  stored in a "JPEG" field is decoded by the generic decoder, not skipped). This only
+  looks at a few bytes at each end; it is the first of two filters, and the second,
+  `dataset_skipping_errors` around the decode, catches what it cannot see. What happens to
+  each kind of bad record (checked by tests/preprocessing_test.py and
+  tests/pipeline_test.py, with the byte strings of tests/bad_images.py):
+
+  Skipped here, before decoding (counted and logged by the pipeline):
+    * empty bytes;
+    * a format the decoders do not know (WebP, TIFF, HTML, random bytes);
+    * a truncated JPEG (no FF D9 near the end) or PNG (no IEND chunk).
+
+  Passed here, then decoded:
+    * a JPEG with garbage in its entropy-coded data but no marker in it: libjpeg
+      warns ("Corrupt JPEG data: N extraneous bytes") and decodes, the damaged blocks
+      smeared. So does garbage in a quantization table.
+    * a JPEG with a stray marker (FF followed by anything but 00 or a restart marker)
+      in its entropy-coded data, when the crop window stops above the image's last
+      rows: libjpeg fills the rest of the scan grey at the marker, and only reads the
+      marker itself (and rejects it) after the last rows; the fused crop stops before.
+
+  Passed here, then skipped when the decode op fails (counted and logged the same):
+    * that stray marker when the window reaches the last rows ("Bogus Huffman table
+      definition", "Unsupported marker type"), as a full decode always does;
+    * a JPEG with a corrupt header (SOF, Huffman tables, SOS: "Bogus marker length",
+      "Empty JPEG image", "Invalid component ID"), which also fails the shape read;
+    * a PNG whose body or CRCs are corrupt but whose IEND chunk is intact;
+    * a truncated or garbled GIF or BMP.
   """
   head = tf.strings.substr(image_bytes, 0, 4)
   complete_jpeg = tf.logical_and(is_jpeg(image_bytes), has_jpeg_end_marker(image_bytes))
@@ -77,6 +102,58 @@ def is_decodable_image(image_bytes):
   other = tf.logical_or(tf.equal(head, _GIF_MAGIC),
                         tf.equal(tf.strings.substr(image_bytes, 0, 2), _BMP_MAGIC))
   return tf.logical_or(complete_jpeg, tf.logical_or(complete_png, other))
+
+
+def dataset_skipping_errors(fn, elements, output_signature, note_failure):
+  """A dataset of `fn` over a group's elements, leaving out those whose ops raise.
+
+  A decoder that rejects its input raises an error, and inside a tf.data map an error
+  ends the whole input stream, and with it the run. tf.data's `ignore_errors` is the one
+  public way to survive an op error inside a graph, but as a dataset transformation
+  that drops silently; so the group becomes a small dataset of its own (for
+  `Dataset.interleave`), and a scan over the indices that come through calls
+  `note_failure` for each one that did not, to count and name it. One nested dataset
+  per group, not per element: building one has a fixed cost comparable to a small
+  image's decode, which a group of a few dozen images spreads thin. Keep `fn` to the
+  ops that can fail (the decode): a function run inside a nested dataset was measured
+  slower than the same one in a top-level map (docs/RESULTS.md), so the rest of the
+  preprocessing belongs in a map after it.
+
+  Args:
+    fn: (*element) -> outputs matching `output_signature`.
+    elements: a tuple of tensors sharing their first dimension (the group).
+    output_signature: a nest of `tf.TensorSpec` for one element's outputs.
+    note_failure: (int64 index of a failed element) -> an int64 scalar tensor.
+
+  Returns:
+    A dataset of `fn`'s outputs, in the group's order, for the elements it succeeded
+    on; `note_failure` has run for the others once the dataset is exhausted.
+  """
+  size = tf.shape(elements[0], out_type=tf.int64)[0]
+  outputs = (tf.data.Dataset.from_tensor_slices((tf.range(size),) + tuple(elements))
+             .map(lambda index, *element: (index, fn(*element)))
+             .ignore_errors(log_warning=True))  # the op's own message, with its reason
+  # An end marker with index `size`, so failures at the end of the group are seen too.
+  end = tf.data.Dataset.from_tensors((size, tf.nest.map_structure(
+      lambda spec: tf.zeros([0 if d is None else d for d in spec.shape.as_list()],
+                            spec.dtype), output_signature)))
+
+  def note_failures_before(next_index, indexed_output):
+    index, output = indexed_output
+    # A cond first: the loop's setup is not free, and almost every gap is empty.
+    noted = tf.cond(
+        index > next_index,
+        lambda: tf.reduce_max(tf.map_fn(note_failure, tf.range(next_index, index),
+                                        fn_output_signature=tf.int64)),
+        lambda: tf.constant(0, tf.int64))
+    with tf.control_dependencies([noted]):
+      is_output = tf.less(index, size)
+    return index + 1, (output, is_output)
+
+  return (outputs.concatenate(end)
+          .scan(tf.constant(0, tf.int64), note_failures_before)
+          .filter(lambda output, is_output: is_output)
+          .map(lambda output, is_output: output))
 
 
 def center_crop_window(image_shape, crop_fraction=EVAL_CROP_FRACTION):
@@ -234,18 +311,45 @@ def normalize_image(image, mean=IMAGENET_MEAN_RGB, stddev=IMAGENET_STDDEV_RGB,
   return tf.cast(image, dtype)
 
 
+def decode_for_train(image_bytes, bboxes, seed, *, image_size, area_range=(0.08, 1.0),
+                     aspect_ratio_range=(3 / 4, 4 / 3), max_attempts=10,
+                     use_dct_scaling=False):
+  """The decoding half of `preprocess_for_train`: the random crop window, decoded.
+
+  The only half whose ops can fail on bad bytes; the pipeline runs it under
+  `dataset_skipping_errors` and `finish_for_train` outside it.
+  """
+  crop_seed, _ = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  return decode_and_random_crop(
+      image_bytes, bboxes, crop_seed, output_size=image_size,
+      use_dct_scaling=use_dct_scaling, area_range=area_range,
+      aspect_ratio_range=aspect_ratio_range, max_attempts=max_attempts)
+
+
+def finish_for_train(image, seed, *, image_size, resize_method="bilinear",
+                     dtype=tf.float32):
+  """The rest of `preprocess_for_train`: resize, flip (seeded), normalize."""
+  _, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  image = resize_image(image, image_size, method=resize_method)
+  image = random_flip(image, flip_seed)
+  return normalize_image(image, dtype=dtype)
+
+
 def preprocess_for_train(image_bytes, bboxes, seed, *, image_size, area_range=(0.08, 1.0),
                          aspect_ratio_range=(3 / 4, 4 / 3), max_attempts=10,
                          use_dct_scaling=False, resize_method="bilinear",
                          dtype=tf.float32):
   """Encoded image -> augmented, normalized [image_size, image_size, 3] `dtype`."""
-  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-  image = decode_and_random_crop(
-      image_bytes, bboxes, crop_seed, output_size=image_size,
-      use_dct_scaling=use_dct_scaling, area_range=area_range,
-      aspect_ratio_range=aspect_ratio_range, max_attempts=max_attempts)
+  image = decode_for_train(image_bytes, bboxes, seed, image_size=image_size,
+                           area_range=area_range, aspect_ratio_range=aspect_ratio_range,
+                           max_attempts=max_attempts, use_dct_scaling=use_dct_scaling)
+  return finish_for_train(image, seed, image_size=image_size,
+                          resize_method=resize_method, dtype=dtype)
+
+
+def finish_for_eval(image, *, image_size, resize_method="bilinear", dtype=tf.float32):
+  """The rest of `preprocess_for_eval` after `decode_and_center_crop`."""
   image = resize_image(image, image_size, method=resize_method)
-  image = random_flip(image, flip_seed)
   return normalize_image(image, dtype=dtype)
 
 
@@ -256,5 +360,5 @@ def preprocess_for_eval(image_bytes, *, image_size, crop_fraction=EVAL_CROP_FRAC
   image = decode_and_center_crop(image_bytes, output_size=image_size,
                                  crop_fraction=crop_fraction,
                                  use_dct_scaling=use_dct_scaling)
-  image = resize_image(image, image_size, method=resize_method)
-  return normalize_image(image, dtype=dtype)
+  return finish_for_eval(image, image_size=image_size, resize_method=resize_method,
+                         dtype=dtype)

@@ -13,6 +13,7 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 
 from input_pipeline import preprocessing
+from tests import bad_images
 
 
 def _photo():
@@ -180,6 +181,70 @@ class ImageCheckTest(tf.test.TestCase):
       self.assertEqual(bool(preprocessing.is_decodable_image(image_bytes)), expected)
       self.assertEqual(bool(_in_dataset_map(preprocessing.is_decodable_image,
                                             image_bytes)), expected)
+
+
+  def test_cheap_check_on_each_kind_of_bad_image(self):
+    # Rejected from a few bytes: no decode needed. The rest pass the check and are
+    # either decoded or rejected by the decoder (see the pipeline tests).
+    rejected_by_check = {"jpeg_truncated", "png_truncated", "empty", "webp", "tiff",
+                         "random_bytes"}
+    for name, (image_bytes, _) in bad_images.bad_image_cases().items():
+      self.assertEqual(bool(preprocessing.is_decodable_image(image_bytes)),
+                       name not in rejected_by_check, name)
+
+  def test_decoder_outcome_of_each_kind_passing_the_check(self):
+    # What `map_skipping_errors` exists for: these raise inside the decode op.
+    for name, (image_bytes, outcome) in bad_images.bad_image_cases().items():
+      if not preprocessing.is_decodable_image(image_bytes):
+        continue
+      decode = lambda b: preprocessing.preprocess_for_eval(b, image_size=16)
+      if outcome == "decoded":
+        self.assertEqual(decode(image_bytes).shape, (16, 16, 3), name)
+      else:
+        with self.assertRaises(tf.errors.InvalidArgumentError, msg=name):
+          decode(image_bytes)
+    # The stray marker is read once the window reaches the last rows.
+    marker = bad_images.bad_image_cases()["jpeg_marker_in_scan"][0]
+    with self.assertRaises(tf.errors.InvalidArgumentError):
+      preprocessing.preprocess_for_eval(marker, image_size=16, crop_fraction=1.0)
+
+
+class DatasetSkippingErrorsTest(tf.test.TestCase):
+
+  def _decode_all(self, group):
+    """(decoded images in order, bit mask of the indices reported as failed)."""
+    failed_mask = tf.Variable(0, dtype=tf.int64)
+
+    def note_failure(index):
+      return tf.identity(failed_mask.assign_add(
+          tf.bitwise.left_shift(tf.constant(1, tf.int64), index)))
+
+    dataset = preprocessing.dataset_skipping_errors(
+        lambda b: preprocessing.preprocess_for_eval(b, image_size=8),
+        (tf.constant(group),), tf.TensorSpec([8, 8, 3], tf.float32), note_failure)
+    images = [image.numpy() for image in dataset]
+    return images, int(failed_mask.numpy())
+
+  def test_keeps_the_elements_that_decode_in_order(self):
+    good = _jpeg(_photo()[:64, :64])
+    cases = bad_images.bad_image_cases()
+    group = [good, cases["jpeg_corrupt_huffman_table"][0], good,
+             cases["png_corrupt_body"][0], cases["jpeg_noise_in_scan"][0],
+             cases["gif_truncated"][0]]
+    images, failed_mask = self._decode_all(group)
+    self.assertLen(images, 3)
+    self.assertEqual(failed_mask, (1 << 1) | (1 << 3) | (1 << 5))
+    expected = preprocessing.preprocess_for_eval(good, image_size=8)
+    self.assertAllClose(images[0], expected)
+    self.assertAllClose(images[1], expected)
+    self.assertAllClose(
+        images[2], preprocessing.preprocess_for_eval(group[4], image_size=8))
+
+  def test_a_group_that_all_fails_keeps_nothing_and_reports_all(self):
+    corrupt = bad_images.bad_image_cases()["jpeg_corrupt_huffman_table"][0]
+    images, failed_mask = self._decode_all([corrupt, corrupt])
+    self.assertEqual(images, [])
+    self.assertEqual(failed_mask, 0b11)
 
 
 class PreprocessTest(tf.test.TestCase, parameterized.TestCase):

@@ -49,6 +49,7 @@ from absl import logging
 
 import input_pipeline
 from training import config as config_lib
+from training import data_sources
 from training import run as run_lib
 from training import strategy as strategy_lib
 
@@ -70,12 +71,12 @@ def arm_label(group_size):
   return SINGLE if group_size is None else f"bn_group_size {group_size}"
 
 
-def train_one(args, records_dir, group_size, seed, strategies):
+def train_one(args, data_root, group_size, seed, strategies):
   """Trains one arm (group_size None = single replica) with one seed; returns top-1."""
   single = group_size is None
   with tempfile.TemporaryDirectory(prefix="convergence_") as model_dir:
     config = config_lib.build_config(
-        "cpu_demo", model_dir=model_dir, data_dir=records_dir,
+        "cpu_demo", model_dir=model_dir,
         image_size=args.image_size, resnet_depth=args.resnet_depth,
         resnet_width=args.resnet_width, train_batch_size=GLOBAL_BATCH,
         eval_batch_size=EVAL_BATCH, train_epochs=args.train_epochs,
@@ -93,7 +94,9 @@ def train_one(args, records_dir, group_size, seed, strategies):
         seed=seed)
     strategy = strategies["single" if single else "replicas"]
     tf_keras.backend.clear_session()
-    trainer = run_lib.build_trainer(config, strategy)
+    # Every arm reads the digits written once under data_root.
+    data = data_sources.data_source_for(config.data, config.loop, scratch_dir=data_root)
+    trainer = run_lib.build_trainer(config, strategy, data=data)
     loops = trainer.train()
     results = trainer.evaluate()
   return results["top1"], loops[-1]["top1"], trainer.total_steps
@@ -136,15 +139,16 @@ def main(argv=None):
 
   top1 = {arm: [] for arm in arms}
   started = time.perf_counter()
-  with tempfile.TemporaryDirectory(prefix="convergence_digits_") as records_dir:
-    spec = input_pipeline.prepare_digits_records(records_dir, image_size=args.image_size)
+  with tempfile.TemporaryDirectory(prefix="convergence_digits_") as data_root:
+    spec = input_pipeline.prepare_digits_records(os.path.join(data_root, "data"),
+                                                 image_size=args.image_size)
     print(f"digits: {spec.num_train_examples} train, {spec.num_validation_examples} "
           "validation images", flush=True)
     # Seeds outermost so that an interrupted run still has every arm at some seeds.
     for seed in range(args.first_seed, args.first_seed + args.seeds):
       for arm in arms:
         run_started = time.perf_counter()
-        accuracy, train_top1, steps = train_one(args, records_dir, arm, seed, strategies)
+        accuracy, train_top1, steps = train_one(args, data_root, arm, seed, strategies)
         top1[arm].append(accuracy)
         print(f"  seed {seed}  {arm_label(arm):>16}: eval top-1 {accuracy * 100:5.1f}%  "
               f"(last-loop train top-1 {train_top1 * 100:5.1f}%, {steps} steps, "

@@ -41,7 +41,6 @@ import tensorflow as tf
 import tf_keras
 from absl import logging
 
-import input_pipeline
 from training import config as config_lib
 from training import data_sources
 from training import run as run_lib
@@ -50,14 +49,16 @@ from training import strategy as strategy_lib
 NUM_REPLICAS = 8
 
 
-def build_project_trainer(args, strategy, model_dir, records_dir):
+def build_project_trainer(args, strategy, model_dir, data_root):
+  """The project's trainer on the digits written once under `data_root`."""
   config = config_lib.build_config(
-      "cpu_demo", model_dir=model_dir, data_dir=records_dir, image_size=args.image_size,
+      "cpu_demo", model_dir=model_dir, image_size=args.image_size,
       resnet_depth=50, resnet_width=64, train_batch_size=args.global_batch,
       eval_batch_size=args.global_batch, bn_group_size=2, torus_shape=(2, 4),
       allreduce="torus", train_steps=args.warmup_steps, log_every_steps=1,
       checkpoint_every_steps=10**6)
-  return config, run_lib.build_trainer(config, strategy)
+  data = data_sources.data_source_for(config.data, config.loop, scratch_dir=data_root)
+  return data, run_lib.build_trainer(config, strategy, data=data)
 
 
 def build_keras_model(args, strategy):
@@ -97,18 +98,14 @@ def main(argv=None):
         f"{args.steps_per_round} steps per side; grappler "
         f"{'on' if args.grappler else 'off'}", flush=True)
   work_dir = tempfile.mkdtemp(prefix="train_step_")
-  records_dir = os.path.join(work_dir, "digits")
-  input_pipeline.prepare_digits_records(records_dir, image_size=args.image_size)
-
   started = time.perf_counter()
-  config, trainer = build_project_trainer(
-      args, strategy, os.path.join(work_dir, "trainer"), records_dir)
+  data, trainer = build_project_trainer(
+      args, strategy, os.path.join(work_dir, "trainer"), work_dir)
   trainer.train()
   print(f"  trainer: built, traced and ran {args.warmup_steps} steps in "
         f"{time.perf_counter() - started:.0f} s", flush=True)
 
   # The same data, through the same pipeline, for the plain Keras model.
-  data = data_sources.data_source_for(config)
   def keras_input():
     return tf_keras.utils.experimental.DatasetCreator(
         lambda context: data.make_train_dataset(context, 0),

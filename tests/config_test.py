@@ -21,26 +21,26 @@ class BuildConfigTest(tf.test.TestCase, parameterized.TestCase):
   def test_default_is_the_cpu_demo_preset(self):
     config = config_lib.build_config()
     self.assertEqual(config.preset, "cpu_demo")
-    self.assertEqual(config.dataset, "digits")
-    self.assertEqual(config.torus_shape, (2, 4))
-    self.assertEqual(config.num_cpu_devices, 8)
+    self.assertEqual(config.data.dataset, "digits")
+    self.assertEqual(config.distribution.torus_shape, (2, 4))
+    self.assertEqual(config.distribution.num_cpu_devices, 8)
 
   def test_overrides_win_over_the_preset(self):
     config = config_lib.build_config("cpu_demo", train_batch_size=128, bn_group_size=4)
-    self.assertEqual(config.train_batch_size, 128)
-    self.assertEqual(config.bn_group_size, 4)
+    self.assertEqual(config.loop.train_batch_size, 128)
+    self.assertEqual(config.model.bn_group_size, 4)
     # Peak rate is the per-256 base scaled with the batch.
     self.assertAlmostEqual(config.learning_rate, 0.4 * 128 / 256)
 
   def test_explicit_steps_replace_preset_epochs(self):
     config = config_lib.build_config("cpu_demo", train_steps=30)
-    self.assertIsNone(config.train_epochs)
-    self.assertEqual(config.steps_for(num_train_examples=10_000), 30)
+    self.assertIsNone(config.loop.train_epochs)
+    self.assertEqual(config.loop.steps_for(num_train_examples=10_000), 30)
 
   def test_epochs_convert_to_steps_rounding_up(self):
     config = config_lib.build_config("cpu_demo", train_epochs=2.0, train_batch_size=64)
     # 2 * 1438 examples / 64 = 44.94 -> 45 steps.
-    self.assertEqual(config.steps_for(num_train_examples=1438), 45)
+    self.assertEqual(config.loop.steps_for(num_train_examples=1438), 45)
 
   @parameterized.named_parameters(
       ("unknown_dataset", dict(dataset="cifar"), "dataset", "unknown dataset"),
@@ -57,6 +57,12 @@ class BuildConfigTest(tf.test.TestCase, parameterized.TestCase):
        "log_every_steps", "multiple of --steps_per_execution"),
       ("bad_allreduce", dict(allreduce="ring"), "allreduce", "choose one of"),
       ("bad_smoothing", dict(label_smoothing=1.5), "label_smoothing", r"\[0, 1\)"),
+      ("digits_with_a_data_dir", dict(data_dir="/tmp"), "data_dir",
+       "reads no --data_dir.*--preset=imagenet"),
+      ("synthetic_with_a_data_dir", dict(dataset="synthetic", data_dir="/tmp"),
+       "data_dir", "reads no --data_dir"),
+      ("negative_timeout", dict(collective_timeout_seconds=-1.0),
+       "collective_timeout_seconds", "must not be negative"),
   )
   def test_bad_values_name_their_flag(self, overrides, flag, message):
     with self.assertRaisesRegex(config_lib.ConfigError, f"--{flag}: .*{message}"):

@@ -99,16 +99,6 @@ class MultiWorkerTrainerTest(tf.test.TestCase):
 
   @classmethod
   def tearDownClass(cls):
-    # The non-chief's temporary checkpoint directories live outside the root.
-    for output in cls.outputs:
-      try:
-        with open(os.path.join(output, "report.json")) as f:
-          directories = json.load(f)["checkpoint_dirs"]
-      except OSError:
-        continue
-      for directory in directories:
-        if not directory.startswith(cls.model_dir):
-          shutil.rmtree(directory, ignore_errors=True)
     shutil.rmtree(cls.root, ignore_errors=True)
     super().tearDownClass()
 
@@ -179,8 +169,10 @@ class MultiWorkerTrainerTest(tf.test.TestCase):
     checkpoint_dir = os.path.join(self.model_dir, "checkpoints")
     self.assertEqual(chief["checkpoint_dirs"], [checkpoint_dir] * 2)
     for directory in other["checkpoint_dirs"]:
-      # The other worker saves too (saving may need collectives), but elsewhere.
-      self.assertFalse(os.path.abspath(directory).startswith(self.model_dir))
+      # The other worker saves too (saving may need collectives), but into a folder
+      # of its own inside the model dir: nothing is written outside it.
+      self.assertStartsWith(os.path.abspath(directory),
+                            os.path.join(self.model_dir, "workertemp_worker_1"))
       self.assertTrue(tf.io.gfile.exists(os.path.join(directory, "checkpoint")))
     state = tf.train.get_checkpoint_state(checkpoint_dir)
     self.assertEqual([os.path.basename(p) for p in state.all_model_checkpoint_paths],

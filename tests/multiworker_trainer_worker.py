@@ -123,10 +123,10 @@ def build_trainer(strategy, model_dir, *, total_steps, timeout_seconds):
 
   grid = allreduce.TorusTopology(*TORUS_SHAPE)
   # Bounded waits everywhere: a missing peer fails the step instead of hanging it.
-  seam = allreduce.CollectiveOpsSeam(timeout_seconds=timeout_seconds)
-  norm_layer = group_batch_norm.make_batch_norm_factory(BN_GROUP_SIZE, topology=grid,
-                                                        seam=seam)
-  aggregator = allreduce.make_torus_aggregator(grid, seam=seam)
+  backend = allreduce.CollectiveOpsBackend(timeout_seconds=timeout_seconds)
+  norm_layer = group_batch_norm.make_batch_norm_factory(BN_GROUP_SIZE, grid=grid,
+                                                        backend=backend)
+  aggregator = allreduce.make_torus_aggregator(grid, backend=backend)
 
   def build_backbone():
     return resnet_model.build_resnet_for_depth(
@@ -135,11 +135,15 @@ def build_trainer(strategy, model_dir, *, total_steps, timeout_seconds):
 
   return trainer_lib.Trainer(
       strategy=strategy, model_dir=model_dir, build_backbone=build_backbone,
-      data=replica_slice_data_source(), total_steps=total_steps,
-      global_batch_size=GLOBAL_BATCH, eval_batch_size=GLOBAL_BATCH,
-      num_classes=NUM_CLASSES, learning_rate=0.05, momentum=0.9, weight_decay=1e-4,
-      gradient_aggregator=aggregator, log_every_steps=CHECKPOINT_EVERY_STEPS,
-      checkpoint_every_steps=CHECKPOINT_EVERY_STEPS)
+      data=replica_slice_data_source(),
+      recipe=trainer_lib.Recipe(num_classes=NUM_CLASSES, learning_rate=0.05,
+                                momentum=0.9, weight_decay=1e-4),
+      cadence=trainer_lib.Cadence(total_steps=total_steps,
+                                  global_batch_size=GLOBAL_BATCH,
+                                  eval_batch_size=GLOBAL_BATCH,
+                                  log_every_steps=CHECKPOINT_EVERY_STEPS,
+                                  checkpoint_every_steps=CHECKPOINT_EVERY_STEPS),
+      gradient_aggregator=aggregator)
 
 
 def set_initial_weights(trainer, seed):

@@ -15,7 +15,7 @@ from absl.testing import parameterized
 import allreduce
 from training import config as config_lib
 from training import optimizer as optimizer_lib
-from training import trainer as trainer_lib
+from training import model as model_lib
 
 
 def _tiny_classifier(**kwargs):
@@ -23,14 +23,14 @@ def _tiny_classifier(**kwargs):
   hidden = tf_keras.layers.Dense(8, name="hidden")(inputs)
   hidden = tf_keras.layers.BatchNormalization(name="hidden_bn")(hidden)
   logits = tf_keras.layers.Dense(3, name="logits")(tf_keras.layers.ReLU()(hidden))
-  return trainer_lib.ImageClassifier(tf_keras.Model(inputs, logits), **kwargs)
+  return model_lib.ImageClassifier(tf_keras.Model(inputs, logits), **kwargs)
 
 
 class ScheduleTest(tf.test.TestCase, parameterized.TestCase):
 
   @parameterized.parameters("polynomial", "cosine")
   def test_warmup_is_linear_to_the_peak(self, decay):
-    schedule = optimizer_lib.WarmupThenDecay(2.0, warmup_steps=10, total_steps=110,
+    schedule = optimizer_lib.warmup_then_decay(2.0, warmup_steps=10, total_steps=110,
                                              decay=decay)
     for step in (0, 1, 5, 9):
       self.assertAllClose(schedule(step), 2.0 * step / 10)
@@ -39,14 +39,14 @@ class ScheduleTest(tf.test.TestCase, parameterized.TestCase):
     self.assertAllClose(schedule(500), 0.0)  # Stays at zero past the end.
 
   def test_polynomial_decay_matches_the_formula(self):
-    schedule = optimizer_lib.WarmupThenDecay(34.0, warmup_steps=500, total_steps=3558,
+    schedule = optimizer_lib.warmup_then_decay(34.0, warmup_steps=500, total_steps=3558,
                                              decay="polynomial", power=2.0)
     for step in (500, 1000, 2000, 3000, 3557):
       expected = 34.0 * (1 - (step - 500) / (3558 - 500)) ** 2
       self.assertAllClose(schedule(step), expected, rtol=1e-5)
 
   def test_cosine_decay_matches_the_formula(self):
-    schedule = optimizer_lib.WarmupThenDecay(1.0, warmup_steps=0, total_steps=100,
+    schedule = optimizer_lib.warmup_then_decay(1.0, warmup_steps=0, total_steps=100,
                                              decay="cosine")
     for step in (0, 25, 50, 75):
       self.assertAllClose(schedule(step), 0.5 * (1 + math.cos(math.pi * step / 100)),
@@ -105,7 +105,7 @@ class LarsOnTheTorusTest(tf.test.TestCase):
       model.compile(optimizer=optimizer_lib.build_optimizer(
           "lars", 2.0, momentum=0.9, weight_decay=1e-4,
           gradient_aggregator=allreduce.make_torus_aggregator(
-              (2, 4), seam=strategy, timeout_seconds=120)))
+              (2, 4), backend=strategy, timeout_seconds=120)))
     dataset = tf.data.Dataset.from_tensor_slices((features, labels)).repeat().batch(64)
     history = model.fit(dataset, epochs=4, steps_per_epoch=8, verbose=0)
     self.assertLess(history.history["loss"][-1], 0.75 * history.history["loss"][0])
@@ -150,10 +150,11 @@ class PaperPresetTest(tf.test.TestCase):
 
   def test_paper_32k_matches_the_reference_recipe(self):
     config = config_lib.build_config("paper_32k", data_dir=self.get_temp_dir())
-    self.assertEqual(config.train_batch_size, 32768)
-    self.assertEqual(config.steps_for(1_281_167), 3558)
+    self.assertEqual(config.loop.train_batch_size, 32768)
+    self.assertEqual(config.loop.steps_for(1_281_167), 3558)
     self.assertAlmostEqual(config.learning_rate, 34.0)
-    self.assertEqual((config.optimizer, config.label_smoothing, config.precision),
+    self.assertEqual((config.optimizer.optimizer, config.optimizer.label_smoothing,
+                      config.model.precision),
                      ("lars", 0.1, "mixed_bfloat16"))
     # 2048 replicas (1024 TPU v3 chips) on the most square grid, groups of 2.
     config_lib.check_against_replicas(config, 2048)
@@ -162,7 +163,45 @@ class PaperPresetTest(tf.test.TestCase):
   def test_paper_64k(self):
     config = config_lib.build_config("paper_64k", data_dir=self.get_temp_dir())
     self.assertAlmostEqual(config.learning_rate, 41.0)
-    self.assertEqual(config.steps_for(1_281_167), math.ceil(90 * 1_281_167 / 65536))
+    self.assertEqual(config.loop.steps_for(1_281_167), math.ceil(90 * 1_281_167 / 65536))
+
+
+class WeightAverageTest(tf.test.TestCase):
+  """Why the trainer keeps its own weight average (training/model.py) instead of Model
+  Garden's ExponentialMovingAverage optimizer: the library's average starts at zero,
+  and its swap adds and subtracts the two sets of weights, which float32 cannot undo
+  when their magnitudes differ."""
+
+  def _dense(self, weights):
+    model = tf_keras.Sequential([tf_keras.layers.Dense(1, use_bias=False,
+                                                       input_shape=(len(weights),))])
+    model.layers[0].kernel.assign(np.reshape(weights, (-1, 1)))
+    return model
+
+  def test_library_average_starts_at_zero_and_its_swap_is_not_exact(self):
+    from official.modeling.optimization import ema_optimizer  # pylint: disable=g-import-not-at-top
+    live, average = [1e8, 3.0], [2.0, 1e-8]
+    with tf.distribute.OneDeviceStrategy("/cpu:0").scope():  # its swap needs one
+      model = self._dense(live)
+      library = ema_optimizer.ExponentialMovingAverage(
+          tf_keras.optimizers.legacy.SGD(0.1))
+      library.shadow_copy(model)
+      shadow = library._average_weights[0]  # pylint: disable=protected-access
+      self.assertAllEqual(shadow.numpy(), [[0.0], [0.0]])
+      shadow.assign(np.reshape(average, (-1, 1)))
+      library.swap_weights()
+    self.assertNotAllClose(model.layers[0].kernel.numpy().ravel(), average, rtol=1e-3)
+
+  def test_our_average_starts_at_the_weights_and_swaps_exactly(self):
+    live, average = [1e8, 3.0], [2.0, 1e-8]
+    model = self._dense(live)
+    ours = model_lib.WeightAverage(model.trainable_variables, decay=0.99)
+    self.assertAllEqual(ours.averages[0].numpy().ravel(), live)
+    ours.averages[0].assign(np.reshape(average, (-1, 1)))
+    ours.swap()
+    self.assertAllEqual(model.layers[0].kernel.numpy().ravel(), np.float32(average))
+    ours.swap()
+    self.assertAllEqual(model.layers[0].kernel.numpy().ravel(), np.float32(live))
 
 
 if __name__ == "__main__":

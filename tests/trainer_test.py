@@ -20,6 +20,7 @@ from input_pipeline import pipeline
 from resnet import group_batch_norm
 from resnet import resnet_model
 from tests import toy_images
+from training import progress
 from training import trainer as trainer_lib
 
 _IMAGE_SIZE = 16
@@ -75,9 +76,9 @@ def _build_trainer(strategy, model_dir, *, total_steps, aggregator="torus",
                    bn_group_size=2, seed=1):
   grid = allreduce.TorusTopology(2, 4)
   tf_keras.utils.set_random_seed(seed)
-  norm_layer = group_batch_norm.make_batch_norm_factory(bn_group_size, topology=grid)
+  norm_layer = group_batch_norm.make_batch_norm_factory(bn_group_size, grid=grid)
   if aggregator == "torus":
-    aggregator = allreduce.make_torus_aggregator(grid, seam=strategy,
+    aggregator = allreduce.make_torus_aggregator(grid, backend=strategy,
                                                  timeout_seconds=120)
 
   def build_backbone():
@@ -87,11 +88,14 @@ def _build_trainer(strategy, model_dir, *, total_steps, aggregator="torus",
 
   return trainer_lib.Trainer(
       strategy=strategy, model_dir=model_dir, build_backbone=build_backbone,
-      data=_toy_data_source(), total_steps=total_steps,
-      global_batch_size=_GLOBAL_BATCH, eval_batch_size=_GLOBAL_BATCH,
-      num_classes=_NUM_CLASSES, learning_rate=0.05, momentum=0.9,
-      weight_decay=1e-4, gradient_aggregator=aggregator, log_every_steps=2,
-      checkpoint_every_steps=2)
+      data=_toy_data_source(),
+      recipe=trainer_lib.Recipe(num_classes=_NUM_CLASSES, learning_rate=0.05,
+                                momentum=0.9, weight_decay=1e-4),
+      cadence=trainer_lib.Cadence(total_steps=total_steps,
+                                  global_batch_size=_GLOBAL_BATCH,
+                                  eval_batch_size=_GLOBAL_BATCH, log_every_steps=2,
+                                  checkpoint_every_steps=2),
+      gradient_aggregator=aggregator)
 
 
 def _interrupt_at_step_3(callback, batch, logs=None):
@@ -129,7 +133,7 @@ class TrainerTest(tf.test.TestCase):
     # Interrupted (as by Ctrl-C or SIGTERM) after step 3, off the 2-step loop grid.
     cls.interrupted_dir = os.path.join(cls.root, "interrupted")
     cls.interrupted = _build_trainer(strategy, cls.interrupted_dir, total_steps=6)
-    with mock.patch.object(trainer_lib._LoopCallback, "on_train_batch_end",
+    with mock.patch.object(progress.LoopCallback, "on_train_batch_end",
                            _interrupt_at_step_3, create=True):
       try:
         cls.interrupted.train()

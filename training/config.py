@@ -1,10 +1,14 @@
-"""The one configuration object: every hyper-parameter, its default, and its checks.
+"""The configuration: five frozen sections, every setting declared once with its help.
 
-Defaults come from a named preset (`cpu_demo` is the embedded default run); values the
-user sets explicitly override the preset. `build_config` returns a frozen `TrainConfig`
-that has passed every check that needs only the values themselves;
-`check_against_replicas` adds the checks that need the replica count, which is known only
-once the strategy exists. Each failure is a `ConfigError` that names the flag and the fix.
+A run's `TrainConfig` holds a `data`, `model`, `distribution`, `optimizer` and `loop`
+section; each builder takes the sections it needs. Every field is also a command-line
+flag of the same name (`main.py` generates the flags from the fields and their help),
+so a setting is written down in one place. Defaults come from a named preset
+(training/presets.py); values set explicitly override it. `build_config` returns a
+config that has passed every check that needs only the values themselves, each check
+beside its section; `check_against_replicas` adds those that need the replica count,
+known once the strategy exists. Each failure is a `ConfigError` that names the flag and
+the fix.
 """
 
 import dataclasses
@@ -13,7 +17,10 @@ import os
 from typing import Optional, Tuple
 
 from allreduce import topology
+from allreduce.torus_aggregator import DEFAULT_PACK_SIZE_BYTES
 from resnet import resnet_model
+from training import presets
+from training.flag_error import FlagError
 
 MODES = ("train", "eval", "train_and_eval")
 DATASETS = ("digits", "imagenet", "synthetic")  # or "tfds/<builder name>"
@@ -22,133 +29,15 @@ OPTIMIZERS = ("sgd", "lars")
 LR_DECAYS = ("polynomial", "cosine")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
-
-class ConfigError(ValueError):
-  """A bad setting; `flag` names the command-line flag that holds it."""
-
-  def __init__(self, flag: str, message: str):
-    super().__init__(f"--{flag}: {message}")
-    self.flag = flag
+# A bad setting; `flag` names the command-line flag that holds it.
+ConfigError = FlagError
+PRESETS = presets.PRESETS
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  """Everything a run needs. Batch sizes are global (summed over all replicas)."""
-  preset: str = "cpu_demo"
-  mode: str = "train_and_eval"
-  model_dir: str = "runs/cpu_demo"
-  # Data.
-  dataset: str = "digits"
-  data_dir: Optional[str] = None
-  image_size: int = 32
-  num_classes: int = 10
-  cache_dataset: bool = False
-  # Model.
-  resnet_depth: int = 50
-  resnet_width: int = 64
-  bn_group_size: int = 1
-  bn_momentum: float = 0.9
-  precision: str = "float32"
-  # Distribution.
-  tpu: Optional[str] = None
-  num_cpu_devices: int = 8
-  torus_shape: Optional[Tuple[int, int]] = None
-  allreduce: str = "torus"
-  allreduce_pack_mb: float = 32.0
-  # Schedule and optimizer.
-  train_batch_size: int = 64
-  eval_batch_size: int = 64
-  train_steps: Optional[int] = None
-  train_epochs: Optional[float] = 3.0
-  optimizer: str = "sgd"
-  base_learning_rate: float = 0.1  # per 256 examples; scaled linearly with the batch
-  warmup_epochs: float = 1.0
-  ema_decay: float = 0.0  # 0: no moving average of the weights
-  lr_decay: str = "cosine"
-  momentum: float = 0.9
-  weight_decay: float = 1e-4
-  label_smoothing: float = 0.0
-  # Loop cadence.
-  steps_per_execution: int = 1
-  log_every_steps: int = 10
-  checkpoint_every_steps: int = 100
-  eval_every_steps: Optional[int] = None
-  seed: int = 0
-
-  @property
-  def learning_rate(self) -> float:
-    """Peak learning rate: the base rate scaled linearly with the global batch."""
-    return self.base_learning_rate * self.train_batch_size / 256.0
-
-  def steps_for(self, num_train_examples: int) -> int:
-    """Total training steps: `train_steps`, or epochs converted (rounded up)."""
-    if self.train_steps:
-      return self.train_steps
-    return math.ceil(self.train_epochs * num_train_examples / self.train_batch_size)
-
-  def topology(self, num_replicas: int) -> topology.TorusTopology:
-    return topology.TorusTopology.for_replicas(num_replicas, self.torus_shape)
-
-
-PRESETS = {
-    # The embedded default: a few minutes on a 2-core machine, 8 logical CPU replicas
-    # as a 2x4 torus, batch-norm statistics over neighbouring pairs.
-    "cpu_demo": dict(
-        model_dir="runs/cpu_demo", dataset="digits", image_size=32, num_classes=10,
-        resnet_depth=18, train_batch_size=64, eval_batch_size=64, train_epochs=6.0,
-        bn_group_size=2, base_learning_rate=0.4, warmup_epochs=0.5, lr_decay="cosine",
-        weight_decay=5e-5, log_every_steps=5, checkpoint_every_steps=20,
-        num_cpu_devices=8, torus_shape=(2, 4)),
-    # The classic ImageNet recipe (batch 1024, 90 epochs) on TFRecords in --data_dir.
-    "imagenet": dict(
-        model_dir="runs/imagenet", dataset="imagenet", image_size=224,
-        num_classes=1000, resnet_depth=50, train_batch_size=1024, eval_batch_size=1024,
-        train_epochs=90.0, base_learning_rate=0.1, warmup_epochs=5.0,
-        lr_decay="polynomial", weight_decay=1e-4, label_smoothing=0.1,
-        steps_per_execution=100, log_every_steps=100, checkpoint_every_steps=1000,
-        eval_every_steps=5000, bn_group_size=1, cache_dataset=False),
-}
-
-# The paper's pod runs (Ying et al., 2018) on ImageNet TFRecords in --data_dir with
-# --tpu: 1024 TPU v3 chips = 2048 replicas. LARS with the reference trainers' peak rate
-# and warm-up for each global batch, polynomial (power 2) decay, label smoothing 0.1,
-# no decay on batch norm or biases, bfloat16. The batch-norm group is chosen so that
-# each group sees 32 examples (our rule, not a figure from the paper): 2 replicas of
-# 16 at 32k, 1 replica of 32 at 64k.
-_PAPER_COMMON = dict(
-    dataset="imagenet", image_size=224, num_classes=1000, resnet_depth=50,
-    # The reference evaluates with batch 1024, which does not divide over 2048 replicas.
-    eval_batch_size=4096, optimizer="lars", lr_decay="polynomial", momentum=0.9,
-    weight_decay=1e-4, label_smoothing=0.1, precision="mixed_bfloat16",
-    steps_per_execution=100, log_every_steps=100, checkpoint_every_steps=500,
-    eval_every_steps=500, allreduce="torus")
-PRESETS["paper_32k"] = dict(
-    _PAPER_COMMON, model_dir="runs/paper_32k", train_batch_size=32768,
-    # 3558 steps (about 91 epochs); peak 34.0 after 12 epochs of warm-up.
-    train_steps=3558, train_epochs=None, base_learning_rate=34.0 * 256 / 32768,
-    warmup_epochs=12.0, bn_group_size=2)
-PRESETS["paper_64k"] = dict(
-    _PAPER_COMMON, model_dir="runs/paper_64k", train_batch_size=65536,
-    # 90 epochs; peak 41.0 after 16 epochs of warm-up.
-    train_epochs=90.0, base_learning_rate=41.0 * 256 / 65536, warmup_epochs=16.0,
-    bn_group_size=1)
-
-
-def build_config(preset: str = "cpu_demo", **overrides) -> TrainConfig:
-  """The preset's values, then `overrides`, checked. Unknown names are a TypeError."""
-  if preset not in PRESETS:
-    raise ConfigError("preset", f"unknown preset {preset!r}; choose one of "
-                      f"{', '.join(sorted(PRESETS))}")
-  values = dict(PRESETS[preset], preset=preset)
-  values.update({k: v for k, v in overrides.items() if v is not None})
-  # Exactly one of steps and epochs: an explicit one replaces the preset's other.
-  if overrides.get("train_steps") is not None:
-    values["train_epochs"] = None
-  elif overrides.get("train_epochs") is not None:
-    values["train_steps"] = None
-  config = TrainConfig(**values)
-  check(config)
-  return config
+def setting(default, help_text, choices=None):
+  """A config field that is also a flag: its default, help and allowed values."""
+  return dataclasses.field(default=default,
+                           metadata={"help": help_text, "choices": choices})
 
 
 def _require(condition: bool, flag: str, message: str):
@@ -156,77 +45,253 @@ def _require(condition: bool, flag: str, message: str):
     raise ConfigError(flag, message)
 
 
-def _check_choice(config, name, choices):
-  value = getattr(config, name)
-  _require(value in choices, name,
-           f"unknown value {value!r}; choose one of {', '.join(choices)}")
+def _check_choices(section):
+  for field in dataclasses.fields(section):
+    choices = field.metadata.get("choices")
+    value = getattr(section, field.name)
+    _require(not choices or value in choices, field.name,
+             f"unknown value {value!r}; choose one of {', '.join(choices or ())}")
 
 
-def _check_positive(config, name):
-  value = getattr(config, name)
-  _require(value is not None and value > 0, name,
-           f"must be a positive number, got {value}")
+def _check_positive(section, *names):
+  for name in names:
+    value = getattr(section, name)
+    _require(value is not None and value > 0, name,
+             f"must be a positive number, got {value}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """What to read: the data set, and the image and label shapes the model sees."""
+  dataset: str = setting("digits", "digits (embedded), imagenet (TFRecord shards in "
+                         "--data_dir), synthetic, or tfds/<builder> read from --data_dir.")
+  data_dir: Optional[str] = setting(None, "Folder of the prepared data set (only read).")
+  image_size: int = setting(32, "Height and width of the model's input.")
+  num_classes: int = setting(10, "Number of classes.")
+  cache_dataset: bool = setting(False, "Cache encoded records in host memory.")
+
+  def check(self):
+    _require(self.dataset in DATASETS or (self.dataset.startswith("tfds/")
+                                          and len(self.dataset) > 5),
+             "dataset", f"unknown dataset {self.dataset!r}; choose one of "
+             f"{', '.join(DATASETS)} or tfds/<builder name>, e.g. tfds/imagenet2012")
+    if self.dataset == "imagenet" or self.dataset.startswith("tfds/"):
+      _require(bool(self.data_dir), "data_dir",
+               f"dataset {self.dataset} needs --data_dir pointing at its prepared files")
+    if self.dataset in ("digits", "synthetic"):
+      # The digits are generated under --model_dir and synthetic data is made in
+      # memory: neither reads a folder, and a folder given here is the user's data,
+      # never ours to write into (the usual slip: forgetting --preset=imagenet).
+      _require(not self.data_dir, "data_dir",
+               f"dataset {self.dataset} reads no --data_dir (it is made by the program, "
+               f"under --model_dir); to train on the files in {self.data_dir!r} pass "
+               "--dataset=imagenet (TFRecord shards) or --dataset=tfds/<builder>, or "
+               "--preset=imagenet")
+    if self.data_dir and "://" not in self.data_dir:
+      _require(os.path.isdir(self.data_dir), "data_dir",
+               f"directory {self.data_dir!r} does not exist; pass the folder that "
+               "holds the train-*/validation-* shards")
+    _check_positive(self, "image_size")
+    _require(self.num_classes >= 2, "num_classes",
+             f"must be at least 2, got {self.num_classes}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The network and its numerics."""
+  resnet_depth: int = setting(50, "ResNet depth (50 is the paper's model).")
+  resnet_width: int = setting(64, "Stem channels (64 in the real model).")
+  bn_group_size: int = setting(1, "Replicas whose batch-norm statistics are pooled "
+                               "(1 = per replica).")
+  bn_momentum: float = setting(0.9, "Batch-norm moving-statistics momentum.")
+  precision: str = setting("float32", "Compute precision.", PRECISIONS)
+
+  def check(self):
+    _check_choices(self)
+    _check_positive(self, "resnet_width", "bn_group_size")
+    _require(self.resnet_depth in resnet_model.RESNET_SPECS, "resnet_depth",
+             f"unsupported depth {self.resnet_depth}; choose one of "
+             f"{sorted(resnet_model.RESNET_SPECS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributionConfig:
+  """Where the replicas run and how they talk."""
+  tpu: Optional[str] = setting(None, "TPU name or address; 'local' on a TPU VM.")
+  num_cpu_devices: int = setting(8, "Logical CPU replicas when no accelerator is present.")
+  torus_shape: Optional[Tuple[int, int]] = setting(
+      None, "Replica grid XxY, e.g. 2x4 (default: the most square grid for the replica "
+      "count; on TPU the chips' physical grid).")
+  allreduce: str = setting("torus", "Gradient all-reduce: the 2-D torus, or the "
+                           "strategy's own.", ALLREDUCE_KINDS)
+  # The aggregator's own default (allreduce/torus_aggregator.py says why 16 MiB).
+  allreduce_pack_mb: float = setting(DEFAULT_PACK_SIZE_BYTES / 2**20,
+                                     "Cap on each packed gradient buffer, in MiB.")
+  # Ten minutes covers a peer that is still tracing its first step.
+  collective_timeout_seconds: float = setting(
+      600.0, "Bound on every collective's wait (the torus aggregator's, grouped batch "
+      "norm's, the strategy's own), so a lost worker ends the run (0 = wait forever).")
+  jit_compile: bool = setting(False, "XLA-compile the train step (GPUs; TPUs always "
+                              "compile).")
+
+  def check(self):
+    _check_choices(self)
+    _check_positive(self, "allreduce_pack_mb")
+    _require(self.collective_timeout_seconds >= 0, "collective_timeout_seconds",
+             f"must not be negative (0 waits forever), got "
+             f"{self.collective_timeout_seconds}")
+    _require(self.tpu is not None or self.num_cpu_devices >= 1, "num_cpu_devices",
+             f"must be at least 1, got {self.num_cpu_devices}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """The recipe: optimizer, learning-rate schedule, regularisation."""
+  optimizer: str = setting("sgd", "Optimizer.", OPTIMIZERS)
+  base_learning_rate: float = setting(0.1, "Peak learning rate per 256 examples "
+                                      "(scaled linearly with the global batch).")
+  warmup_epochs: float = setting(1.0, "Linear warm-up length.")
+  lr_decay: str = setting("cosine", "Decay after warm-up.", LR_DECAYS)
+  momentum: float = setting(0.9, "Momentum.")
+  weight_decay: float = setting(1e-4, "Weight decay (not on batch norm or biases).")
+  label_smoothing: float = setting(0.0, "Label smoothing.")
+  ema_decay: float = setting(0.0, "Decay of a moving average of the weights used for "
+                             "the final evaluation (0 = off).")
+
+  def check(self):
+    _check_choices(self)
+    _check_positive(self, "base_learning_rate")
+    _require(0.0 <= self.label_smoothing < 1.0, "label_smoothing",
+             f"must be in [0, 1), got {self.label_smoothing}")
+    _require(self.weight_decay >= 0, "weight_decay",
+             f"must not be negative, got {self.weight_decay}")
+    _require(0.0 <= self.ema_decay < 1.0, "ema_decay",
+             f"must be in [0, 1) (0 turns the average off), got {self.ema_decay}")
+    _require(self.warmup_epochs >= 0, "warmup_epochs",
+             f"must not be negative, got {self.warmup_epochs}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+  """What to run, for how long, in which rhythm, and where it writes."""
+  mode: str = setting("train_and_eval", "What to run.", MODES)
+  model_dir: str = setting("runs/cpu_demo", "Checkpoints, summaries and results go here "
+                           "(the only folder the program writes to).")
+  train_batch_size: int = setting(64, "Global training batch.")
+  eval_batch_size: int = setting(64, "Global evaluation batch.")
+  train_steps: Optional[int] = setting(None, "Training steps (overrides --train_epochs).")
+  train_epochs: Optional[float] = setting(3.0, "Training epochs (overrides "
+                                          "--train_steps).")
+  steps_per_execution: int = setting(1, "Steps per device loop (the TPU 'iterations "
+                                     "per loop').")
+  log_every_steps: int = setting(10, "Progress line and summaries cadence.")
+  checkpoint_every_steps: int = setting(100, "Checkpoint cadence.")
+  eval_every_steps: Optional[int] = setting(None, "Evaluation cadence during training.")
+  seed: int = setting(0, "Random seed for initialisation and data order.")
+
+  def check(self):
+    _check_choices(self)
+    _require(bool(self.model_dir), "model_dir", "must name a directory to write to")
+    _check_positive(self, "train_batch_size", "eval_batch_size", "steps_per_execution",
+                    "log_every_steps", "checkpoint_every_steps")
+    _check_positive(self, "train_steps" if self.train_steps is not None
+                    else "train_epochs")
+    _require(self.log_every_steps % self.steps_per_execution == 0,
+             "log_every_steps", f"{self.log_every_steps} must be a multiple of "
+             f"--steps_per_execution={self.steps_per_execution}")
+    _require(self.checkpoint_every_steps % self.log_every_steps == 0,
+             "checkpoint_every_steps", f"{self.checkpoint_every_steps} must be a "
+             f"multiple of --log_every_steps={self.log_every_steps}")
+    if self.eval_every_steps is not None:
+      _check_positive(self, "eval_every_steps")
+      _require(self.eval_every_steps % self.log_every_steps == 0,
+               "eval_every_steps", f"{self.eval_every_steps} must be a multiple of "
+               f"--log_every_steps={self.log_every_steps}")
+
+  def steps_for(self, num_train_examples: int) -> int:
+    """Total training steps: `train_steps`, or epochs converted (rounded up)."""
+    if self.train_steps:
+      return self.train_steps
+    return math.ceil(self.train_epochs * num_train_examples / self.train_batch_size)
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig,
+            "distribution": DistributionConfig, "optimizer": OptimizerConfig,
+            "loop": LoopConfig}
+
+
+def setting_fields():
+  """(section name, field) for every setting: the flags `main.py` defines."""
+  return [(name, field) for name, section in SECTIONS.items()
+          for field in dataclasses.fields(section)]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Everything a run needs, by section. Batch sizes are global (over all replicas)."""
+  preset: str = "cpu_demo"
+  data: DataConfig = DataConfig()
+  model: ModelConfig = ModelConfig()
+  distribution: DistributionConfig = DistributionConfig()
+  optimizer: OptimizerConfig = OptimizerConfig()
+  loop: LoopConfig = LoopConfig()
+
+  @classmethod
+  def from_flat(cls, preset="cpu_demo", **values):
+    """Builds the sections from flag-named values (unknown names are a TypeError)."""
+    by_section = {name: {} for name in SECTIONS}
+    owner = {field.name: name for name, field in setting_fields()}
+    for key, value in values.items():
+      if key not in owner:
+        raise TypeError(f"unknown setting {key!r}")
+      by_section[owner[key]][key] = value
+    return cls(preset=preset, **{name: SECTIONS[name](**by_section[name])
+                                 for name in SECTIONS})
+
+  def flat(self) -> dict:
+    """{flag: value} for every setting, and the preset: for logs and summary.json."""
+    values = {"preset": self.preset}
+    for name in SECTIONS:
+      values.update(dataclasses.asdict(getattr(self, name)))
+    return values
+
+  @property
+  def learning_rate(self) -> float:
+    """Peak learning rate: the base rate scaled linearly with the global batch."""
+    return self.optimizer.base_learning_rate * self.loop.train_batch_size / 256.0
+
+  def topology(self, num_replicas: int) -> topology.TorusTopology:
+    return topology.TorusTopology.for_replicas(num_replicas,
+                                               self.distribution.torus_shape)
+
+
+def build_config(preset: str = "cpu_demo", **overrides) -> TrainConfig:
+  """The preset's values, then `overrides` (flag names), checked."""
+  if preset not in PRESETS:
+    raise ConfigError("preset", f"unknown preset {preset!r}; choose one of "
+                      f"{', '.join(sorted(PRESETS))}")
+  values = dict(PRESETS[preset])
+  values.update({k: v for k, v in overrides.items() if v is not None})
+  # Exactly one of steps and epochs: an explicit one replaces the preset's other.
+  if overrides.get("train_steps") is not None:
+    values["train_epochs"] = None
+  elif overrides.get("train_epochs") is not None:
+    values["train_steps"] = None
+  config = TrainConfig.from_flat(preset, **values)
+  check(config)
+  return config
 
 
 def check(config: TrainConfig):
-  """The checks that need only the configuration itself."""
-  _check_choice(config, "mode", MODES)
-  _check_choice(config, "allreduce", ALLREDUCE_KINDS)
-  _check_choice(config, "optimizer", OPTIMIZERS)
-  _check_choice(config, "lr_decay", LR_DECAYS)
-  _check_choice(config, "precision", PRECISIONS)
-  _require(config.dataset in DATASETS or (config.dataset.startswith("tfds/")
-                                          and len(config.dataset) > 5),
-           "dataset", f"unknown dataset {config.dataset!r}; choose one of "
-           f"{', '.join(DATASETS)} or tfds/<builder name>, e.g. tfds/imagenet2012")
-  if config.dataset in ("imagenet",) or config.dataset.startswith("tfds/"):
-    _require(bool(config.data_dir), "data_dir",
-             f"dataset {config.dataset} needs --data_dir pointing at its prepared files")
-  if config.data_dir and "://" not in config.data_dir:
-    _require(os.path.isdir(config.data_dir), "data_dir",
-             f"directory {config.data_dir!r} does not exist; pass the folder that "
-             "holds the train-*/validation-* shards")
-  _require(bool(config.model_dir), "model_dir", "must name a directory to write to")
-  for name in ("train_batch_size", "eval_batch_size", "image_size", "resnet_width",
-               "steps_per_execution", "log_every_steps", "checkpoint_every_steps",
-               "bn_group_size", "allreduce_pack_mb", "base_learning_rate"):
-    _check_positive(config, name)
-  _require(config.num_classes >= 2, "num_classes",
-           f"must be at least 2, got {config.num_classes}")
-  _require(config.resnet_depth in resnet_model.RESNET_SPECS, "resnet_depth",
-           f"unsupported depth {config.resnet_depth}; choose one of "
-           f"{sorted(resnet_model.RESNET_SPECS)}")
-  if config.train_steps is not None:
-    _check_positive(config, "train_steps")
-  else:
-    _check_positive(config, "train_epochs")
-  _require(config.log_every_steps % config.steps_per_execution == 0,
-           "log_every_steps", f"{config.log_every_steps} must be a multiple of "
-           f"--steps_per_execution={config.steps_per_execution}")
-  _require(config.checkpoint_every_steps % config.log_every_steps == 0,
-           "checkpoint_every_steps", f"{config.checkpoint_every_steps} must be a "
-           f"multiple of --log_every_steps={config.log_every_steps}")
-  if config.eval_every_steps is not None:
-    _check_positive(config, "eval_every_steps")
-    _require(config.eval_every_steps % config.log_every_steps == 0,
-             "eval_every_steps", f"{config.eval_every_steps} must be a multiple of "
-             f"--log_every_steps={config.log_every_steps}")
-  _require(0.0 <= config.label_smoothing < 1.0, "label_smoothing",
-           f"must be in [0, 1), got {config.label_smoothing}")
-  _require(config.weight_decay >= 0, "weight_decay",
-           f"must not be negative, got {config.weight_decay}")
-  _require(0.0 <= config.ema_decay < 1.0, "ema_decay",
-           f"must be in [0, 1) (0 turns the average off), got {config.ema_decay}")
-  _require(config.warmup_epochs >= 0, "warmup_epochs",
-           f"must not be negative, got {config.warmup_epochs}")
-  _require(config.tpu is not None or config.num_cpu_devices >= 1, "num_cpu_devices",
-           f"must be at least 1, got {config.num_cpu_devices}")
+  """The checks that need only the configuration itself, section by section."""
+  for name in SECTIONS:
+    getattr(config, name).check()
 
 
 def check_against_replicas(config: TrainConfig, num_replicas: int):
   """The checks that need the replica count of the strategy in use."""
   for name in ("train_batch_size", "eval_batch_size"):
-    value = getattr(config, name)
+    value = getattr(config.loop, name)
     _require(value % num_replicas == 0, name,
              f"global batch {value} does not divide over {num_replicas} replicas; "
              f"use a multiple of {num_replicas}, e.g. "
@@ -236,6 +301,6 @@ def check_against_replicas(config: TrainConfig, num_replicas: int):
   except topology.TopologyError as e:
     raise ConfigError("torus_shape", str(e)) from None
   try:
-    grid.block_groups(config.bn_group_size)
+    grid.block_groups(config.model.bn_group_size)
   except topology.TopologyError as e:
     raise ConfigError("bn_group_size", str(e)) from None

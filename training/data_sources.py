@@ -8,14 +8,17 @@ Evaluation is padded (see input_pipeline.padded_eval_steps): every host's pipeli
 `steps`, the same on every host, covers the host with the most examples.
 """
 
+import dataclasses
 import functools
 import os
+import types
 
 import tensorflow as tf
 
 import input_pipeline
 from input_pipeline import dataset_info as dataset_info_lib
 from input_pipeline import tfds_source
+from training import config as config_lib
 from training.trainer import DataSource
 
 # ImageNet-2012 (ILSVRC) split sizes, used when the shards carry no dataset_info.json.
@@ -49,8 +52,7 @@ def _eval_batches_per_host(input_context, steps):
           // input_context.num_input_pipelines)
 
 
-def _split_counts(data_dir, train_default, eval_default):
-  info = dataset_info_lib.read_dataset_info(data_dir)
+def _split_counts(info, train_default, eval_default):
   if not info:
     return train_default, eval_default
   splits = info["splits"]
@@ -58,29 +60,65 @@ def _split_counts(data_dir, train_default, eval_default):
           splits.get("validation", {}).get("num_examples", eval_default))
 
 
+def check_class_count(num_classes_in_data, num_classes, where):
+  """A data set with more classes than the model's output layer is a config error.
+
+  `tf.one_hot` of a label >= num_classes is all zeros: the run would "train" to a
+  meaningless accuracy and exit 0.
+  """
+  if num_classes_in_data is not None and num_classes_in_data > num_classes:
+    raise config_lib.ConfigError(
+        "num_classes", f"the data in {where} has {num_classes_in_data} classes "
+        f"(labels up to {num_classes_in_data - 1}) but the model has {num_classes}; "
+        f"pass --num_classes={num_classes_in_data}")
+
+
+def with_label_check(dataset, num_classes):
+  """Fails the stream, naming --num_classes, on a label outside [0, num_classes).
+
+  For data sets whose class count is not written down anywhere; runs on each batch of
+  labels (a few integers), after the host's prefetch buffer.
+  """
+  def check(*batch):
+    labels = batch[1]
+    in_range = tf.reduce_all((labels >= 0) & (labels < num_classes))
+    with tf.control_dependencies([tf.debugging.Assert(
+        in_range, [LABEL_OUT_OF_RANGE, num_classes, "; labels seen:", labels],
+        summarize=16)]):
+      return tuple(tf.identity(t) for t in batch)
+  return dataset.map(check)
+
+
+# The first words of the stream's error for a bad label: main.py turns the error into
+# one line that names the flag.
+LABEL_OUT_OF_RANGE = "label outside [0, --num_classes):"
+
+
 def _tfrecord_source(config, train_pattern, eval_pattern, num_train, num_eval,
                      area_range=input_pipeline.IMAGENET_AREA_RANGE):
-  dtype = tf.bfloat16 if config.tpu else tf.float32
+  dtype = config.input_dtype
 
   def make_train_dataset(input_context, start_step):
-    return input_pipeline.create_tfrecord_dataset(
+    return with_label_check(input_pipeline.create_tfrecord_dataset(
         train_pattern, is_training=True,
         batch_size=input_context.get_per_replica_batch_size(config.train_batch_size),
         image_size=config.image_size, input_context=input_context,
         shuffle_seed=config.seed, cache=config.cache_dataset, dtype=dtype,
         skip_examples=_per_host_examples(input_context, config.train_batch_size,
-                                         start_step), area_range=area_range)
+                                         start_step), area_range=area_range),
+        config.num_classes)
 
   eval_steps = _padded_eval_steps_fn(
       functools.partial(input_pipeline.host_example_counts, eval_pattern),
       config.eval_batch_size)
 
   def make_eval_dataset(input_context):
-    return input_pipeline.create_tfrecord_dataset(
+    return with_label_check(input_pipeline.create_tfrecord_dataset(
         eval_pattern, is_training=False,
         batch_size=input_context.get_per_replica_batch_size(config.eval_batch_size),
         image_size=config.image_size, input_context=input_context, dtype=dtype,
-        pad_to_batches=_eval_batches_per_host(input_context, eval_steps(input_context)))
+        pad_to_batches=_eval_batches_per_host(input_context, eval_steps(input_context))),
+        config.num_classes)
 
   return DataSource(make_train_dataset, make_eval_dataset, num_train_examples=num_train,
                     num_eval_examples=num_eval, eval_steps=eval_steps,
@@ -89,8 +127,11 @@ def _tfrecord_source(config, train_pattern, eval_pattern, num_train, num_eval,
 
 def _tfds_source(config):
   name = config.dataset[len("tfds/"):]
-  dtype = tf.bfloat16 if config.tpu else tf.float32
-  splits = tfds_source.load_tfds_builder(name, config.data_dir).info.splits
+  dtype = config.input_dtype
+  info = tfds_source.load_tfds_builder(name, config.data_dir).info
+  check_class_count(getattr(info.features["label"], "num_classes", None),
+                    config.num_classes, f"tfds/{name} under {config.data_dir}")
+  splits = info.splits
   eval_split = "validation" if "validation" in splits else "test"
   num_train, num_eval = splits["train"].num_examples, splits[eval_split].num_examples
 
@@ -120,7 +161,7 @@ def _tfds_source(config):
 
 
 def _synthetic_source(config):
-  dtype = tf.bfloat16 if config.tpu else tf.float32
+  dtype = config.input_dtype
 
   def make_dataset(input_context, start_step=0, *, batch):
     del start_step  # Every synthetic batch is alike.
@@ -138,19 +179,36 @@ def _synthetic_source(config):
       input_options=input_pipeline.device_input_options())
 
 
-def data_source_for(config) -> DataSource:
-  """The DataSource for `config.dataset` (see training/config.py for the names)."""
+def digits_source(config, records_dir) -> DataSource:
+  """The embedded digits, written once as TFRecords into `records_dir` (ours)."""
+  spec = input_pipeline.prepare_digits_records(records_dir, image_size=config.image_size)
+  check_class_count(spec.num_classes, config.num_classes, "the embedded digits set")
+  return _tfrecord_source(config, spec.train_file_pattern,
+                          spec.validation_file_pattern, spec.num_train_examples,
+                          spec.num_validation_examples, input_pipeline.DIGITS_AREA_RANGE)
+
+
+def data_source_for(data, loop, scratch_dir=None,
+                    input_dtype=tf.float32) -> DataSource:
+  """The DataSource for `data.dataset` (see training/config.py for the names).
+
+  `data` and `loop` are the config's sections. `scratch_dir` is a folder of this
+  process's own under the model dir (default: the model dir); the digits are generated
+  there, never into a folder the user named. Nothing here writes anywhere else:
+  --data_dir is only read. `input_dtype` is the images' dtype (bfloat16 when the model
+  computes in it: half the host-to-device bytes).
+  """
+  # The sources below read settings of both sections.
+  config = types.SimpleNamespace(**dataclasses.asdict(data), **dataclasses.asdict(loop),
+                                 input_dtype=input_dtype)
   if config.dataset == "digits":
-    # Written once into the TFRecord format under the model dir (or --data_dir).
-    records_dir = config.data_dir or os.path.join(config.model_dir, "data")
-    spec = input_pipeline.prepare_digits_records(records_dir,
-                                                 image_size=config.image_size)
-    return _tfrecord_source(config, spec.train_file_pattern,
-                            spec.validation_file_pattern, spec.num_train_examples,
-                            spec.num_validation_examples,
-                            input_pipeline.DIGITS_AREA_RANGE)
+    return digits_source(config, os.path.join(scratch_dir or config.model_dir, "data"))
   if config.dataset == "imagenet":
-    num_train, num_eval = _split_counts(config.data_dir, IMAGENET_TRAIN_EXAMPLES,
+    info = dataset_info_lib.read_dataset_info(config.data_dir)
+    if info:
+      check_class_count(info.get("num_classes"), config.num_classes,
+                        dataset_info_lib.dataset_info_path(config.data_dir))
+    num_train, num_eval = _split_counts(info, IMAGENET_TRAIN_EXAMPLES,
                                         IMAGENET_EVAL_EXAMPLES)
     return _tfrecord_source(config, os.path.join(config.data_dir, "train-*"),
                             os.path.join(config.data_dir, "validation-*"),

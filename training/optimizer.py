@@ -5,12 +5,12 @@ tf-models-official subclasses) because its constructor takes `gradient_aggregato
 the hook through which the 2-D torus all-reduce replaces the strategy's own sum.
 """
 
-import math
 import re
 
 import tensorflow as tf
 import tf_keras
 from official.modeling.optimization import lars
+from official.modeling.optimization import lr_schedule
 
 # Batch-norm scales and offsets and biases are neither decayed nor (under LARS) given a
 # layer-wise trust ratio: decaying them only hurts (Goyal et al., 2017; the reference
@@ -23,34 +23,26 @@ def is_decayed(variable) -> bool:
   return not any(re.search(p, variable.name) for p in EXCLUDED_FROM_DECAY)
 
 
-class WarmupThenDecay(tf_keras.optimizers.schedules.LearningRateSchedule):
+def warmup_then_decay(peak, warmup_steps, total_steps, decay="polynomial", power=2.0):
   """Linear warm-up from 0 to `peak` over `warmup_steps`, then decay to 0 at
-  `total_steps`: polynomial (the paper's, power 2) or cosine."""
-
-  def __init__(self, peak, warmup_steps, total_steps, decay="polynomial", power=2.0):
-    super().__init__()
-    if decay not in ("polynomial", "cosine"):
-      raise ValueError(f"unknown decay {decay!r}")
-    self.peak = float(peak)
-    self.warmup_steps = int(warmup_steps)
-    self.total_steps = max(int(total_steps), self.warmup_steps + 1)
-    self.decay = decay
-    self.power = float(power)
-
-  def __call__(self, step):
-    step = tf.cast(step, tf.float32)
-    warmup = self.peak * step / max(self.warmup_steps, 1)
-    progress = (step - self.warmup_steps) / (self.total_steps - self.warmup_steps)
-    progress = tf.clip_by_value(progress, 0.0, 1.0)
-    if self.decay == "polynomial":
-      decayed = self.peak * (1.0 - progress) ** self.power
-    else:
-      decayed = self.peak * 0.5 * (1.0 + tf.cos(math.pi * progress))
-    return tf.where(step < self.warmup_steps, warmup, decayed)
-
-  def get_config(self):
-    return dict(peak=self.peak, warmup_steps=self.warmup_steps,
-                total_steps=self.total_steps, decay=self.decay, power=self.power)
+  `total_steps`: polynomial (the paper's, power 2) or cosine. Model Garden's schedules,
+  composed: its offset decays start counting where the warm-up ends."""
+  if decay not in ("polynomial", "cosine"):
+    raise ValueError(f"unknown decay {decay!r}")
+  warmup_steps = int(warmup_steps)
+  decay_steps = max(int(total_steps), warmup_steps + 1) - warmup_steps
+  if decay == "polynomial":
+    after_warmup = lr_schedule.PolynomialDecayWithOffset(
+        initial_learning_rate=float(peak), decay_steps=decay_steps,
+        end_learning_rate=0.0, power=float(power), offset=warmup_steps)
+  else:
+    after_warmup = lr_schedule.CosineDecayWithOffset(
+        initial_learning_rate=float(peak), decay_steps=decay_steps, alpha=0.0,
+        offset=warmup_steps)
+  if not warmup_steps:
+    return after_warmup
+  return lr_schedule.LinearWarmup(after_warmup, warmup_steps=warmup_steps,
+                                  warmup_learning_rate=0.0)
 
 
 def build_optimizer(name, learning_rate, *, momentum=0.9, weight_decay=0.0,

@@ -22,7 +22,7 @@ import xml.etree.ElementTree as ElementTree
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _PARALLEL_SUITES = 2
 # Started first so that the two-at-a-time schedule does not end on one long suite.
-_LONGEST_SUITES = ("trainer_test.py", "run_test.py", "config_test.py",
+_LONGEST_SUITES = ("faults_test.py", "trainer_test.py", "run_test.py", "config_test.py",
                    "group_batch_norm_test.py", "multiworker_trainer_test.py",
                    "cost_model_check_test.py", "torus_aggregator_test.py")
 

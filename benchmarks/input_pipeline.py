@@ -161,8 +161,11 @@ def main(argv=None):
 
     def ours(image_size, use_dct_scaling):
       return input_pipeline.create_tfrecord_dataset(
-          pattern, is_training=True, batch_size=args.batch_size, image_size=image_size,
-          use_dct_scaling=use_dct_scaling, shuffle_buffer_size=1000)
+          pattern, stream=input_pipeline.StreamOptions(is_training=True),
+          preprocess=input_pipeline.PreprocessConfig(image_size=image_size,
+                                                     use_dct_scaling=use_dct_scaling),
+          batch=input_pipeline.BatchOptions(args.batch_size),
+          read=input_pipeline.ReadOptions(shuffle_buffer_size=1000))
 
     size, small = args.image_size, args.small_image_size
     candidates = [

@@ -1,9 +1,16 @@
-"""The tf.data pipeline over ImageNet-schema TFRecord shards.
+"""The tf.data pipeline over ImageNet-schema TFRecord shards, in three pieces.
 
-`create_tfrecord_dataset` reads top to bottom as the chain of Ying et al. 2018, sec. 3.2:
-list files, shard per host, shuffle files, parallel interleave, (cache), shuffle, parse,
-fused decode-and-crop, resize, flip, normalize, batch, prefetch. Every step's knob is an
-argument. `distributed_dataset_fn` wraps any of the dataset builders for
+The chain of Ying et al. 2018, sec. 3.2, read top to bottom:
+  1. a record stream, `tfrecord_stream` (or `tfds_source.tfds_stream`): list files,
+     shard per host, shuffle files, parallel interleave, (cache), shuffle, parse; it
+     yields (seed, example dict) and owns resuming (`StreamOptions.skip_examples`);
+  2. the per-example preprocessing, built once from a `preprocessing.PreprocessConfig`
+     and run by `preprocess_examples`: fused decode-and-crop (damaged images counted and
+     dropped), resize, flip, normalize;
+  3. one tail, `batch_and_prefetch`: batch (or pad for evaluation), prefetch, options.
+`batches_from_stream` joins 2 and 3 onto any stream; `create_tfrecord_dataset` is 1-3.
+The knobs travel in small frozen dataclasses (`StreamOptions`, `ReadOptions`,
+`BatchOptions`, `PreprocessConfig`). `distributed_dataset_fn` wraps any of the dataset builders for
 `strategy.distribute_datasets_from_function`, with prefetch onto the devices.
 
 Evaluation covers every example with static batch shapes (as TPUs need) by padding:
@@ -26,10 +33,8 @@ from input_pipeline.data_error import DataError
 
 AUTOTUNE = tf.data.AUTOTUNE
 
-# Area range of the random crop. ImageNet: the Inception range. The digits set: milder,
-# because an 8x8 digit upscaled to 32x32 loses its identity when 8% of it is kept.
-IMAGENET_AREA_RANGE = (0.08, 1.0)
-DIGITS_AREA_RANGE = (0.5, 1.0)
+IMAGENET_AREA_RANGE = preprocessing.IMAGENET_AREA_RANGE
+DIGITS_AREA_RANGE = preprocessing.DIGITS_AREA_RANGE
 
 
 class SkippedImageCounter:
@@ -267,111 +272,142 @@ def _shuffled_blocks(dataset, block_size, key):
           .prefetch(1).unbatch())
 
 
-def create_tfrecord_dataset(
-    file_pattern, *, is_training, batch_size, image_size, input_context=None,
-    shuffle_seed=None, deterministic=None, cache=False, dtype=tf.float32,
-    skip_examples=0, shuffle_files=True, cycle_length=16, block_length=1,
-    num_parallel_reads=AUTOTUNE, read_buffer_bytes=8 << 20,
-    shuffle_buffer_size=10_000, num_parallel_calls=AUTOTUNE,
-    area_range=IMAGENET_AREA_RANGE, aspect_ratio_range=(3 / 4, 4 / 3),
-    max_crop_attempts=10, eval_crop_fraction=preprocessing.EVAL_CROP_FRACTION,
-    use_dct_scaling=False, resize_method="bilinear", drop_remainder=True,
-    pad_to_batches=None, prefetch_batches=AUTOTUNE,
-    label_offset=schema.LABEL_OFFSET_ON_DISK, check_shards=True,
-    skipped_image_counter=None, private_threadpool_size=None):
-  """ImageNet-schema TFRecords -> batches of (images, labels[, weights]).
+@dataclasses.dataclass(frozen=True)
+class StreamOptions:
+  """Which examples a host reads, in what order, and where a resumed run starts.
+
+  is_training: an endless stream of epochs, shuffled, with each example's seed for its
+    augmentation. Otherwise one pass in file order.
+  shuffle_seed: with `deterministic`, fixes the training stream: each epoch's order and
+    each example's augmentation are functions of (seed, host, epoch, position). None: a
+    fresh random seed.
+  deterministic: keep element order through the parallel steps. None: deterministic for
+    evaluation and for training with a `shuffle_seed`, otherwise not (faster: a slow
+    record does not hold up the ones behind it).
+  skip_examples: training only: start as if this many examples had already been read by
+    this host (resuming at step s: s * per-host examples per step). Skipped as encoded
+    records, before any decoding; exact when the stream is deterministic.
+  """
+  is_training: bool
+  shuffle_seed: int | None = None
+  deterministic: bool | None = None
+  skip_examples: int = 0
+
+  def resolved(self):
+    """These options with `deterministic` and `shuffle_seed` decided.
+
+    Every piece of one pipeline must see the same decision (and the same random seed),
+    so the composition resolves once and hands the result on.
+    """
+    if self.skip_examples and not self.is_training:
+      raise ValueError("skip_examples applies to training only.")
+    deterministic = self.deterministic
+    if deterministic is None:
+      deterministic = (not self.is_training) or self.shuffle_seed is not None
+    shuffle_seed = self.shuffle_seed
+    if shuffle_seed is None:
+      shuffle_seed = random.SystemRandom().getrandbits(62)
+    return dataclasses.replace(self, deterministic=deterministic,
+                               shuffle_seed=shuffle_seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadOptions:
+  """How the encoded records are read; none of it changes which examples come out.
+
+  shuffle_files: shuffle the shard order each training epoch.
+  cycle_length, block_length, num_parallel_reads: the parallel interleave: how many
+    shards are read at once, records taken from each in turn, reader threads.
+  read_buffer_bytes: read buffer per open shard.
+  shuffle_buffer_size: records per shuffle block: each run of this many records (as
+    interleaved from the shuffled shards) is permuted, anew every epoch.
+  cache: keep the encoded records in host memory after the first epoch (only when this
+    host's share fits). The per-epoch file shuffle then no longer changes anything; the
+    record shuffle still does.
+  check_shards: read the first record of each shard up front, so a broken shard is an
+    error naming it (one small read per shard).
+  label_offset: subtracted from the stored label (1 for the ImageNet converters).
+  num_parallel_calls: parallelism of parse and decode.
+  tfds builders interleave their own files: of these they use cycle_length,
+  shuffle_buffer_size, cache and num_parallel_calls.
+  """
+  shuffle_files: bool = True
+  cycle_length: int = 16
+  block_length: int = 1
+  num_parallel_reads: int = AUTOTUNE
+  read_buffer_bytes: int = 8 << 20
+  shuffle_buffer_size: int = 10_000
+  cache: bool = False
+  check_shards: bool = True
+  label_offset: int = schema.LABEL_OFFSET_ON_DISK
+  num_parallel_calls: int = AUTOTUNE
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchOptions:
+  """How preprocessed examples become the batches a step takes.
+
+  batch_size: examples per batch *per replica* (the caller passes
+    `input_context.get_per_replica_batch_size(global_batch_size)`).
+  drop_remainder: drop a final partial batch, giving the static batch shape TPUs need.
+    For evaluation this leaves out up to batch_size - 1 examples per host; pass False
+    for an exact count (the last batch is then smaller), or use pad_to_batches.
+  pad_to_batches: evaluation only: exactly this many full batches of (images, labels,
+    weights), every real example (weight 1) followed by zero-weight padding (see
+    `batch_with_padding`; `padded_eval_steps` gives the count). Overrides drop_remainder.
+  prefetch_batches: batches prepared ahead on the host.
+  private_threadpool_size: threads for this dataset (None: the shared pool).
+  """
+  batch_size: int
+  drop_remainder: bool = True
+  pad_to_batches: int | None = None
+  prefetch_batches: int = AUTOTUNE
+  private_threadpool_size: int | None = None
+
+
+def host_stream_key(stream, input_context):
+  """The key every seed of this host's stream derives from: (shuffle seed, host)."""
+  pipeline_id = input_context.input_pipeline_id if input_context else 0
+  return tf.constant([stream.shuffle_seed, pipeline_id], tf.int64)
+
+
+def tfrecord_stream(file_pattern, stream, read=ReadOptions(), input_context=None):
+  """ImageNet-schema TFRecords -> this host's (seed [2], example dict) stream.
+
+  The record half of the pipeline: list files, shard per host, shuffle files, parallel
+  interleave, (cache), shuffle, parse. The example dicts are `schema.parse_example`'s.
 
   Args:
     file_pattern: glob (or list of globs) of TFRecord shards.
-    is_training: training: an endless stream of epochs, shuffled and augmented (random
-      crop, flip). Evaluation: one pass in file order, centre crop.
-    batch_size: examples per batch *per replica*: the caller passes
-      `input_context.get_per_replica_batch_size(global_batch_size)`.
-    image_size: side of the square output images.
+    stream: `StreamOptions` (resolved here if the caller has not).
+    read: `ReadOptions`.
     input_context: a `tf.distribute.InputContext`; shards are split among its input
       pipelines (hosts), disjoint and complete.
-    shuffle_seed: with `deterministic`, fixes the training stream: each epoch's order
-      and each example's augmentation are functions of (seed, host, epoch, position).
-      None: a fresh random seed.
-    deterministic: keep element order through the parallel steps. None: deterministic
-      for evaluation and for training with a `shuffle_seed`, otherwise not (faster: a
-      slow record does not hold up the ones behind it).
-    cache: keep the encoded records in host memory after the first epoch (only when
-      this host's share of the shards fits). The per-epoch file shuffle then no longer
-      changes anything; the record shuffle still does.
-    dtype: output image dtype; tf.bfloat16 on TPU.
-    skip_examples: training only: start as if this many examples had already been read
-      by this host (resuming at step s: s * per-host examples per step). Whole epochs
-      are skipped by starting at a later epoch index; the rest is skipped as encoded
-      records, before any decoding. Exact when the stream is deterministic.
-    shuffle_files: shuffle the shard order each training epoch.
-    cycle_length, block_length, num_parallel_reads: the parallel interleave: how many
-      shards are read at once, records taken from each in turn, reader threads.
-    read_buffer_bytes: read buffer per open shard.
-    shuffle_buffer_size: records per shuffle block: each run of this many records (as
-      interleaved from the shuffled shards) is permuted, anew every epoch.
-    num_parallel_calls: parallelism of parse and decode.
-    area_range, aspect_ratio_range, max_crop_attempts: the random crop. Use
-      IMAGENET_AREA_RANGE (0.08-1, the default) for ImageNet and DIGITS_AREA_RANGE
-      (0.5-1) for the embedded digits set.
-    eval_crop_fraction: the centre crop, as a fraction of the shorter side (224/256).
-    use_dct_scaling: decode at 1/2, 1/4 or 1/8 scale when the crop window is at least
-      that many times the output size. Off by default: images match a full-scale decode
-      closely (PSNR > 30 dB, tested) but the measured gain on this machine was within
-      noise (see benchmarks/input_pipeline.py); at 224 px a 500x375 ImageNet image
-      never has a window 448 px on both sides, so it only matters for smaller outputs
-      or larger photos.
-    resize_method: `tf.image.resize` method.
-    drop_remainder: drop a final partial batch, giving the static batch shape TPUs
-      need. For evaluation this leaves out up to batch_size - 1 examples per host; pass
-      False for an exact count (the last batch is then smaller), or use pad_to_batches.
-    pad_to_batches: evaluation only: yield exactly this many full batches of (images,
-      labels, weights), every real example (weight 1) followed by zero-weight padding
-      (see `batch_with_padding`; `padded_eval_steps` gives the count). Overrides
-      drop_remainder.
-    prefetch_batches: batches prepared ahead on the host.
-    label_offset: subtracted from the stored label (1 for the ImageNet converters).
-    check_shards: read the first record of each shard up front, so a broken shard is an
-      error naming it (costs one small read per shard).
-    skipped_image_counter: a `SkippedImageCounter` that counts (and logs) records whose
-      image is truncated or not an image; they are dropped, never fatal. Default: a
-      private counter, so the skips are still logged with a running count.
-    private_threadpool_size: threads for this dataset (None: the shared pool).
-
-  Returns:
-    A `tf.data.Dataset` of (images [batch_size, image_size, image_size, 3] `dtype`,
-    labels [batch_size] int32, 0-based), and weights [batch_size] float32 with
-    pad_to_batches.
 
   Raises:
     DataError: the pattern matches nothing, or a shard cannot be read (named).
   """
+  stream = stream.resolved()
   files = list_shards(file_pattern)
-  if check_shards:
+  if read.check_shards:
     check_shards_readable(files)
   host = shard_for_host(files, input_context)
-  if deterministic is None:
-    deterministic = (not is_training) or shuffle_seed is not None
-  if skip_examples and not is_training:
-    raise ValueError("skip_examples applies to training only.")
-  if skip_examples and not deterministic:
+  deterministic = stream.deterministic
+  if stream.skip_examples and not deterministic:
     logging.warning("skip_examples=%d with a non-deterministic stream: the resumed "
-                    "stream will not match the interrupted one exactly.", skip_examples)
-  counter = skipped_image_counter or SkippedImageCounter()
-  if shuffle_seed is None:
-    shuffle_seed = random.SystemRandom().getrandbits(62)
-  pipeline_id = input_context.input_pipeline_id if input_context else 0
-  base_key = tf.constant([shuffle_seed, pipeline_id], tf.int64)
+                    "stream will not match the interrupted one exactly.",
+                    stream.skip_examples)
+  base_key = host_stream_key(stream, input_context)
 
   def interleave_shards(file_names):
     records = file_names.interleave(
-        lambda path: tf.data.TFRecordDataset(path, buffer_size=read_buffer_bytes),
-        cycle_length=cycle_length, block_length=block_length,
-        num_parallel_calls=num_parallel_reads, deterministic=deterministic)
+        lambda path: tf.data.TFRecordDataset(path, buffer_size=read.read_buffer_bytes),
+        cycle_length=read.cycle_length, block_length=read.block_length,
+        num_parallel_calls=read.num_parallel_reads, deterministic=deterministic)
     return records.shard(host.num_record_shards, host.record_shard_index)
 
   all_files = tf.data.Dataset.from_tensor_slices(list(host.files))
-  cached_records = interleave_shards(all_files).cache() if cache else None
+  cached_records = interleave_shards(all_files).cache() if read.cache else None
 
   def one_epoch(epoch, skip_in_epoch):
     """This host's encoded records for one epoch: (key for augmentation, record)."""
@@ -380,19 +416,21 @@ def create_tfrecord_dataset(
       records = cached_records
     else:
       file_names = all_files
-      if is_training and shuffle_files:
+      if stream.is_training and read.shuffle_files:
         file_names = _shuffled_blocks(file_names, len(host.files),
                                       _epoch_key(key, 0))
       records = interleave_shards(file_names)
-    if is_training:
-      records = _shuffled_blocks(records, shuffle_buffer_size, _epoch_key(key, 1))
+    if stream.is_training:
+      records = _shuffled_blocks(records, read.shuffle_buffer_size, _epoch_key(key, 1))
     # Each record's augmentation seed: the epoch key folded with its position.
     return records.enumerate().skip(skip_in_epoch).map(
         lambda position, record: (_epoch_key(_epoch_key(key, 2), position), record))
 
-  if is_training:
-    per_epoch = examples_per_epoch(host) if skip_examples else None
-    first_epoch, skip_in_first = divmod(skip_examples, per_epoch) if per_epoch else (0, 0)
+  if stream.is_training:
+    # Whole epochs are skipped by starting at a later epoch index, the rest inside it.
+    skip = stream.skip_examples
+    per_epoch = examples_per_epoch(host) if skip else None
+    first_epoch, skip_in_first = divmod(skip, per_epoch) if per_epoch else (0, 0)
     records = tf.data.Dataset.counter(first_epoch).flat_map(
         lambda epoch: one_epoch(
             epoch, tf.where(epoch == first_epoch, tf.constant(skip_in_first, tf.int64),
@@ -400,39 +438,26 @@ def create_tfrecord_dataset(
   else:
     records = one_epoch(tf.constant(0, tf.int64), tf.constant(0, tf.int64))
 
-  examples = records.map(
-      lambda seed, record: (seed, schema.parse_example(record, label_offset)),
-      num_parallel_calls=num_parallel_calls, deterministic=deterministic)
-  return decode_and_batch(
-      examples, is_training=is_training, batch_size=batch_size, image_size=image_size,
-      dtype=dtype, deterministic=deterministic, num_parallel_calls=num_parallel_calls,
-      area_range=area_range, aspect_ratio_range=aspect_ratio_range,
-      max_crop_attempts=max_crop_attempts, eval_crop_fraction=eval_crop_fraction,
-      use_dct_scaling=use_dct_scaling, resize_method=resize_method,
-      drop_remainder=drop_remainder, pad_to_batches=pad_to_batches,
-      prefetch_batches=prefetch_batches, skipped_image_counter=counter,
-      private_threadpool_size=private_threadpool_size)
+  return records.map(
+      lambda seed, record: (seed, schema.parse_example(record, read.label_offset)),
+      num_parallel_calls=read.num_parallel_calls, deterministic=deterministic)
 
 
-def decode_and_batch(seeded_examples, *, is_training, batch_size, image_size, dtype,
-                     deterministic, num_parallel_calls, area_range, aspect_ratio_range,
-                     max_crop_attempts, eval_crop_fraction, use_dct_scaling,
-                     resize_method, drop_remainder, prefetch_batches,
-                     skipped_image_counter, pad_to_batches=None,
-                     private_threadpool_size=None, decode_group_size=32):
-  """The second half of every real-data pipeline: check, decode, augment, batch.
+def preprocess_examples(seeded_examples, example_preprocessing, *, skipped_image_counter,
+                        num_parallel_calls, deterministic, decode_group_size=32):
+  """(seed, example dict) -> (image, label): check, decode, finish; bad images counted.
 
   Args:
     seeded_examples: dataset of (seed [2], example dict with "image_bytes", "label",
-      "filename", "bboxes"), as `schema.parse_example` makes.
+      "filename", "bboxes"), as `tfrecord_stream` and `tfds_stream` make.
+    example_preprocessing: a `preprocessing.ExamplePreprocessing`.
+    skipped_image_counter: a `SkippedImageCounter` that counts (and logs) records whose
+      image is truncated or not an image; they are dropped, never fatal.
+    num_parallel_calls, deterministic: parallelism and ordering of the maps.
     decode_group_size: records decoded together under one error guard (see
       `preprocessing.dataset_skipping_errors`): larger spreads the guard's fixed cost
       thinner, smaller keeps fewer images in flight per parallel call.
-    The rest: see `create_tfrecord_dataset`.
   """
-  if pad_to_batches is not None and is_training:
-    raise ValueError("pad_to_batches applies to evaluation only.")
-
   def check(seed, example):
     # Count and log here, before decoding: the common corruptions (truncated, empty,
     # not an image) are visible in a few bytes and need no decode attempt.
@@ -443,25 +468,10 @@ def decode_and_batch(seeded_examples, *, is_training, batch_size, image_size, dt
 
   def decode(seed, image_bytes, bboxes, label):
     # Only the decoding half runs under the error guard (see decode_group).
-    if is_training:
-      image = preprocessing.decode_for_train(
-          image_bytes, bboxes, seed, image_size=image_size, area_range=area_range,
-          aspect_ratio_range=aspect_ratio_range, max_attempts=max_crop_attempts,
-          use_dct_scaling=use_dct_scaling)
-    else:
-      image = preprocessing.decode_and_center_crop(
-          image_bytes, output_size=image_size, crop_fraction=eval_crop_fraction,
-          use_dct_scaling=use_dct_scaling)
-    return seed, image, label
+    return seed, example_preprocessing.decode(image_bytes, bboxes, seed), label
 
   def finish(seed, image, label):
-    if is_training:
-      image = preprocessing.finish_for_train(image, seed, image_size=image_size,
-                                             resize_method=resize_method, dtype=dtype)
-    else:
-      image = preprocessing.finish_for_eval(image, image_size=image_size,
-                                            resize_method=resize_method, dtype=dtype)
-    return image, label
+    return example_preprocessing.finish(image, seed), label
 
   def decode_group(seeds, examples, valid):
     """Decodes a group of checked records; counts and drops those the decoder rejects.
@@ -491,29 +501,84 @@ def decode_and_batch(seeded_examples, *, is_training, batch_size, image_size, dt
         decoded_signature,
         lambda index: skipped_image_counter.note_skipped(examples["filename"][index]))
 
-  examples = (seeded_examples
-              .map(check, num_parallel_calls=num_parallel_calls,
-                   deterministic=deterministic)
-              .filter(lambda seed, example, valid: valid)
-              .ragged_batch(decode_group_size)
-              # A whole group per turn keeps the records in their order.
-              .interleave(decode_group, block_length=decode_group_size,
-                          num_parallel_calls=num_parallel_calls,
-                          deterministic=deterministic)
-              .map(finish, num_parallel_calls=num_parallel_calls,
-                   deterministic=deterministic))
-  if pad_to_batches is None:
-    batches = examples.batch(batch_size, drop_remainder=drop_remainder)
+  return (seeded_examples
+          .map(check, num_parallel_calls=num_parallel_calls, deterministic=deterministic)
+          .filter(lambda seed, example, valid: valid)
+          .ragged_batch(decode_group_size)
+          # A whole group per turn keeps the records in their order.
+          .interleave(decode_group, block_length=decode_group_size,
+                      num_parallel_calls=num_parallel_calls, deterministic=deterministic)
+          .map(finish, num_parallel_calls=num_parallel_calls,
+               deterministic=deterministic))
+
+
+def batch_and_prefetch(examples, batch, deterministic):
+  """(image, label) examples -> prefetched batches, with the pipeline's tf.data options.
+
+  Returns batches of (images, labels), or of (images, labels, weights) with
+  `batch.pad_to_batches` (see `batch_with_padding`).
+  """
+  if batch.pad_to_batches is None:
+    batches = examples.batch(batch.batch_size, drop_remainder=batch.drop_remainder)
   else:
-    batches = batch_with_padding(examples, batch_size=batch_size,
-                                 num_batches=pad_to_batches)
-  dataset = batches.prefetch(prefetch_batches)
+    batches = batch_with_padding(examples, batch_size=batch.batch_size,
+                                 num_batches=batch.pad_to_batches)
   options = tf.data.Options()
   options.deterministic = deterministic
   options.experimental_optimization.map_parallelization = True
-  if private_threadpool_size:
-    options.threading.private_threadpool_size = private_threadpool_size
-  return dataset.with_options(options)
+  if batch.private_threadpool_size:
+    options.threading.private_threadpool_size = batch.private_threadpool_size
+  return batches.prefetch(batch.prefetch_batches).with_options(options)
+
+
+def batches_from_stream(seeded_examples, stream, preprocess, batch, *,
+                        num_parallel_calls=AUTOTUNE, skipped_image_counter=None):
+  """Any (seed, example dict) stream -> batches: the pipeline's second and third pieces.
+
+  The shape of big_vision's `make_for_train(data, preprocess_fn, batch_size)`: the
+  preprocessing is built once from `preprocess` (a `preprocessing.PreprocessConfig`)
+  for `stream.is_training`, and every source shares the same batching tail.
+
+  Args:
+    seeded_examples: as `tfrecord_stream` or `tfds_stream` makes it from `stream`.
+    stream: the `StreamOptions` the stream was made with (resolved, so that both see
+      the same `deterministic`).
+    preprocess: `preprocessing.PreprocessConfig`.
+    batch: `BatchOptions`.
+    num_parallel_calls: parallelism of the decode.
+    skipped_image_counter: a `SkippedImageCounter` (see `preprocess_examples`).
+      Default: a private counter, so the skips are still logged with a running count.
+  """
+  stream = stream.resolved()
+  if batch.pad_to_batches is not None and stream.is_training:
+    raise ValueError("pad_to_batches applies to evaluation only.")
+  images = preprocess_examples(
+      seeded_examples, preprocessing.preprocessing_for(preprocess, stream.is_training),
+      skipped_image_counter=skipped_image_counter or SkippedImageCounter(),
+      num_parallel_calls=num_parallel_calls, deterministic=stream.deterministic)
+  return batch_and_prefetch(images, batch, stream.deterministic)
+
+
+def create_tfrecord_dataset(file_pattern, *, stream, preprocess, batch,
+                            read=ReadOptions(), input_context=None,
+                            skipped_image_counter=None):
+  """ImageNet-schema TFRecords -> batches of (images, labels[, weights]).
+
+  `tfrecord_stream`, then `batches_from_stream`; see them for the arguments.
+
+  Returns:
+    A `tf.data.Dataset` of (images [batch_size, image_size, image_size, 3] `dtype`,
+    labels [batch_size] int32, 0-based), and weights [batch_size] float32 with
+    pad_to_batches.
+
+  Raises:
+    DataError: the pattern matches nothing, or a shard cannot be read (named).
+  """
+  stream = stream.resolved()
+  examples = tfrecord_stream(file_pattern, stream, read, input_context)
+  return batches_from_stream(examples, stream, preprocess, batch,
+                             num_parallel_calls=read.num_parallel_calls,
+                             skipped_image_counter=skipped_image_counter)
 
 
 def device_input_options(device_prefetch_batches=2):

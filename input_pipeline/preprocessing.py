@@ -14,6 +14,9 @@ libjpeg can also decode at 1/2, 1/4 or 1/8 scale in the DCT domain, which skips 
 the inverse-DCT work and shrinks the resize.
 """
 
+import dataclasses
+from typing import Callable
+
 import tensorflow as tf
 
 # ImageNet per-channel statistics of RGB pixels in [0, 255]; inputs are normalized as
@@ -24,6 +27,11 @@ IMAGENET_STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 # The reference evaluation crop: resize-to-256-then-centre-224, as a fraction of the
 # shorter side.
 EVAL_CROP_FRACTION = 224 / 256
+
+# Area range of the random crop. ImageNet: the Inception range. The digits set: milder,
+# because an 8x8 digit upscaled to 32x32 loses its identity when 8% of it is kept.
+IMAGENET_AREA_RANGE = (0.08, 1.0)
+DIGITS_AREA_RANGE = (0.5, 1.0)
 
 # Scales libjpeg can decode at directly (1/ratio of each side).
 DCT_SCALE_RATIOS = (1, 2, 4, 8)
@@ -362,3 +370,70 @@ def preprocess_for_eval(image_bytes, *, image_size, crop_fraction=EVAL_CROP_FRAC
                                  use_dct_scaling=use_dct_scaling)
   return finish_for_eval(image, image_size=image_size, resize_method=resize_method,
                          dtype=dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessConfig:
+  """How an encoded image becomes a model input; the same for every example.
+
+  image_size: side of the square output images.
+  area_range, aspect_ratio_range, max_crop_attempts: the random crop of training. Use
+    IMAGENET_AREA_RANGE for ImageNet and DIGITS_AREA_RANGE for the embedded digits.
+  eval_crop_fraction: the centre crop of evaluation, as a fraction of the shorter side.
+  use_dct_scaling: decode at 1/2, 1/4 or 1/8 scale when the crop window is at least
+    that many times the output size (see `dct_scale_ratio`). Off by default: the
+    images match a full-scale decode closely (tested), but at 224 px an ImageNet-sized
+    photo rarely has a window twice the output on both sides, so it only matters for
+    smaller outputs or larger photos (benchmarks/input_pipeline.py measures it).
+  resize_method: `tf.image.resize` method.
+  dtype: output image dtype; tf.bfloat16 on TPU.
+  """
+  image_size: int
+  area_range: tuple = IMAGENET_AREA_RANGE
+  aspect_ratio_range: tuple = (3 / 4, 4 / 3)
+  max_crop_attempts: int = 10
+  eval_crop_fraction: float = EVAL_CROP_FRACTION
+  use_dct_scaling: bool = False
+  resize_method: str = "bilinear"
+  dtype: tf.dtypes.DType = tf.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class ExamplePreprocessing:
+  """One example's preprocessing, split where a damaged image can make it fail.
+
+  decode(image_bytes, bboxes, seed) -> uint8 [height, width, 3]: the crop window,
+    decoded. Its ops can raise on bad bytes, so the pipeline runs it under an error
+    guard (`dataset_skipping_errors`).
+  finish(image, seed) -> [image_size, image_size, 3] `dtype`: resize, (flip),
+    normalize. It cannot fail, and runs outside the guard.
+  """
+  decode: Callable
+  finish: Callable
+
+
+def preprocessing_for(config, is_training):
+  """The training (random crop, flip) or evaluation (centre crop) preprocessing."""
+  if is_training:
+    def decode(image_bytes, bboxes, seed):
+      return decode_for_train(
+          image_bytes, bboxes, seed, image_size=config.image_size,
+          area_range=config.area_range, aspect_ratio_range=config.aspect_ratio_range,
+          max_attempts=config.max_crop_attempts, use_dct_scaling=config.use_dct_scaling)
+
+    def finish(image, seed):
+      return finish_for_train(image, seed, image_size=config.image_size,
+                              resize_method=config.resize_method, dtype=config.dtype)
+  else:
+    def decode(image_bytes, bboxes, seed):
+      del bboxes, seed  # The centre crop is the same every time.
+      return decode_and_center_crop(
+          image_bytes, output_size=config.image_size,
+          crop_fraction=config.eval_crop_fraction,
+          use_dct_scaling=config.use_dct_scaling)
+
+    def finish(image, seed):
+      del seed
+      return finish_for_eval(image, image_size=config.image_size,
+                             resize_method=config.resize_method, dtype=config.dtype)
+  return ExamplePreprocessing(decode, finish)

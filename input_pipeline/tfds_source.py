@@ -8,12 +8,10 @@ decode-and-crop of `preprocessing` applies exactly as for our own TFRecords.
 """
 
 import os
-import random
 
 import tensorflow as tf
 
 from input_pipeline import pipeline
-from input_pipeline import preprocessing
 from input_pipeline.data_error import DataError
 
 
@@ -37,61 +35,59 @@ def load_tfds_builder(name, data_dir):
   return builder
 
 
-def create_tfds_dataset(
-    name, data_dir, split, *, is_training, batch_size, image_size, input_context=None,
-    shuffle_seed=None, deterministic=None, cache=False, dtype=tf.float32,
-    skip_examples=0, cycle_length=16, shuffle_buffer_size=10_000,
-    num_parallel_calls=pipeline.AUTOTUNE, area_range=pipeline.IMAGENET_AREA_RANGE,
-    aspect_ratio_range=(3 / 4, 4 / 3), max_crop_attempts=10,
-    eval_crop_fraction=preprocessing.EVAL_CROP_FRACTION, use_dct_scaling=False,
-    resize_method="bilinear", drop_remainder=True, pad_to_batches=None,
-    prefetch_batches=pipeline.AUTOTUNE, skipped_image_counter=None):
-  """A tfds builder's split -> batches of (images, labels[, weights]).
+def tfds_stream(name, data_dir, split, stream, read=pipeline.ReadOptions(),
+                input_context=None):
+  """A tfds builder's split -> this host's (seed [2], example dict) stream.
 
-  See create_tfrecord_dataset for the arguments (pad_to_batches: exactly that many
-  batches of (images, labels, weights) for evaluation, padded with weight 0).
-
-  tfds shards per host itself (`ReadConfig(input_context=...)`) and interleaves its
-  own files. Labels are tfds's, already 0-based. `skip_examples` skips encoded
-  examples, before decoding.
+  The same example keys as `schema.parse_example`, so the rest of the pipeline
+  (`pipeline.batches_from_stream`) does not know where the records came from. tfds
+  shards per host itself (`ReadConfig(input_context=...)`) and interleaves its own
+  files; of `read` it uses cycle_length, shuffle_buffer_size and cache. Labels are
+  tfds's, already 0-based. `stream.skip_examples` skips encoded examples, before
+  decoding.
 
   Raises:
     DataError: data_dir missing, builder unknown or not prepared there.
   """
   import tensorflow_datasets as tfds
+  stream = stream.resolved()
   builder = load_tfds_builder(name, data_dir)
-  if deterministic is None:
-    deterministic = (not is_training) or shuffle_seed is not None
-  if shuffle_seed is None:
-    shuffle_seed = random.SystemRandom().getrandbits(62)
   read_config = tfds.ReadConfig(
-      input_context=input_context, shuffle_seed=shuffle_seed,
-      interleave_cycle_length=cycle_length, try_autocache=False)
+      input_context=input_context, shuffle_seed=stream.shuffle_seed,
+      interleave_cycle_length=read.cycle_length, try_autocache=False)
   records = builder.as_dataset(
-      split=split, shuffle_files=is_training, read_config=read_config,
+      split=split, shuffle_files=stream.is_training, read_config=read_config,
       decoders={"image": tfds.decode.SkipDecoding()})
   records = records.map(lambda example: {"image_bytes": example["image"],
                                          "label": tf.cast(example["label"], tf.int32),
                                          "filename": example.get("file_name", ""),
                                          "bboxes": tf.zeros([0, 4], tf.float32)})
-  if cache:
+  if read.cache:
     records = records.cache()
-  if is_training:
-    records = records.repeat().shuffle(shuffle_buffer_size, seed=shuffle_seed)
-  pipeline_id = input_context.input_pipeline_id if input_context else 0
-  base_key = tf.constant([shuffle_seed, pipeline_id], tf.int64)
-  examples = records.enumerate().skip(skip_examples).map(
+  if stream.is_training:
+    records = records.repeat().shuffle(read.shuffle_buffer_size,
+                                       seed=stream.shuffle_seed)
+  base_key = pipeline.host_stream_key(stream, input_context)
+  return records.enumerate().skip(stream.skip_examples).map(
       lambda position, example: (tf.random.experimental.stateless_fold_in(
           base_key, position), example))
-  return pipeline.decode_and_batch(
-      examples, is_training=is_training, batch_size=batch_size, image_size=image_size,
-      dtype=dtype, deterministic=deterministic, num_parallel_calls=num_parallel_calls,
-      area_range=area_range, aspect_ratio_range=aspect_ratio_range,
-      max_crop_attempts=max_crop_attempts, eval_crop_fraction=eval_crop_fraction,
-      use_dct_scaling=use_dct_scaling, resize_method=resize_method,
-      drop_remainder=drop_remainder, pad_to_batches=pad_to_batches,
-      prefetch_batches=prefetch_batches,
-      skipped_image_counter=skipped_image_counter or pipeline.SkippedImageCounter())
+
+
+def create_tfds_dataset(name, data_dir, split, *, stream, preprocess, batch,
+                        read=pipeline.ReadOptions(), input_context=None,
+                        skipped_image_counter=None):
+  """A tfds builder's split -> batches of (images, labels[, weights]).
+
+  `tfds_stream`, then `pipeline.batches_from_stream`; see them for the arguments.
+
+  Raises:
+    DataError: data_dir missing, builder unknown or not prepared there.
+  """
+  stream = stream.resolved()
+  examples = tfds_stream(name, data_dir, split, stream, read, input_context)
+  return pipeline.batches_from_stream(examples, stream, preprocess, batch,
+                                      num_parallel_calls=read.num_parallel_calls,
+                                      skipped_image_counter=skipped_image_counter)
 
 
 def host_example_counts(split_info, num_input_pipelines):

@@ -67,14 +67,19 @@ class DigitsTest(tf.test.TestCase):
 
   def test_pipeline_reads_digits(self):
     train = input_pipeline.create_tfrecord_dataset(
-        self.spec.train_file_pattern, is_training=True, batch_size=16, image_size=32,
-        area_range=input_pipeline.DIGITS_AREA_RANGE, shuffle_seed=0)
+        self.spec.train_file_pattern,
+        stream=input_pipeline.StreamOptions(is_training=True, shuffle_seed=0),
+        preprocess=input_pipeline.PreprocessConfig(
+            image_size=32, area_range=input_pipeline.DIGITS_AREA_RANGE),
+        batch=input_pipeline.BatchOptions(batch_size=16))
     images, labels = next(iter(train))
     self.assertEqual(images.shape, (16, 32, 32, 3))
     self.assertTrue(np.all((labels.numpy() >= 0) & (labels.numpy() < 10)))
     validation = input_pipeline.create_tfrecord_dataset(
-        self.spec.validation_file_pattern, is_training=False, batch_size=16,
-        image_size=32, drop_remainder=False)
+        self.spec.validation_file_pattern,
+        stream=input_pipeline.StreamOptions(is_training=False),
+        preprocess=input_pipeline.PreprocessConfig(image_size=32),
+        batch=input_pipeline.BatchOptions(batch_size=16, drop_remainder=False))
     all_labels = np.concatenate([l.numpy() for _, l in validation])
     self.assertLen(all_labels, self.spec.num_validation_examples)
     self.assertLen(np.unique(all_labels), 10)

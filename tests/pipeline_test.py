@@ -4,7 +4,8 @@ from tests import logical_devices
 
 logical_devices.configure_logical_cpus()
 
-import functools  # pylint: disable=g-import-not-at-top,wrong-import-position
+import dataclasses  # pylint: disable=g-import-not-at-top,wrong-import-position
+import functools
 import io
 import os
 
@@ -65,6 +66,19 @@ def _concatenated(dataset):
   return [np.concatenate(component) for component in zip(*batches)], len(batches)
 
 
+def _pipeline_options(**kwargs):
+  """The old keyword arguments sorted into the pipeline's option dataclasses."""
+  options = {}
+  for argument, option_class in (("stream", input_pipeline.StreamOptions),
+                                 ("preprocess", input_pipeline.PreprocessConfig),
+                                 ("batch", input_pipeline.BatchOptions),
+                                 ("read", input_pipeline.ReadOptions)):
+    fields = {field.name for field in dataclasses.fields(option_class)}
+    options[argument] = option_class(**{name: kwargs.pop(name) for name in fields
+                                        if name in kwargs})
+  return dict(options, **kwargs)
+
+
 def _host_context(num_hosts, host, replicas_per_host=1):
   return tf.distribute.InputContext(num_input_pipelines=num_hosts,
                                     input_pipeline_id=host,
@@ -103,7 +117,8 @@ class PipelineTest(tf.test.TestCase, parameterized.TestCase):
   def _dataset(self, pattern, **kwargs):
     defaults = dict(is_training=False, batch_size=4, image_size=IMAGE_SIZE)
     defaults.update(kwargs)
-    return input_pipeline.create_tfrecord_dataset(pattern, **defaults)
+    return input_pipeline.create_tfrecord_dataset(pattern,
+                                                  **_pipeline_options(**defaults))
 
   def test_eval_shapes_labels_and_one_pass(self):
     pattern = _write_shards(self.get_temp_dir(), 3, 5)
@@ -347,8 +362,10 @@ class PipelineTest(tf.test.TestCase, parameterized.TestCase):
     pattern = _write_shards(self.get_temp_dir(), 4, 4)
     strategy = logical_devices.cpu_mirrored_strategy(2)
     dataset_fn, options = input_pipeline.distributed_dataset_fn(
-        functools.partial(input_pipeline.create_tfrecord_dataset, pattern,
-                          is_training=True, image_size=IMAGE_SIZE, shuffle_seed=0),
+        lambda batch_size, input_context: input_pipeline.create_tfrecord_dataset(
+            pattern, input_context=input_context, **_pipeline_options(
+                is_training=True, image_size=IMAGE_SIZE, shuffle_seed=0,
+                batch_size=batch_size)),
         global_batch_size=8)
     self.assertTrue(options.experimental_fetch_to_device)
     distributed = strategy.distribute_datasets_from_function(dataset_fn, options)
@@ -386,9 +403,9 @@ class SkippedImageCounterTest(tf.test.TestCase):
                                 bad_images.jpeg_with_corrupt_huffman_table(good)])
     with strategy.scope():
       counter = input_pipeline.SkippedImageCounter()
-      dataset = input_pipeline.create_tfrecord_dataset(
-          path, is_training=False, batch_size=1, image_size=IMAGE_SIZE,
-          drop_remainder=False, skipped_image_counter=counter)
+      dataset = input_pipeline.create_tfrecord_dataset(path, **_pipeline_options(
+          is_training=False, batch_size=1, image_size=IMAGE_SIZE,
+          drop_remainder=False, skipped_image_counter=counter))
       resource = counter._resource  # pylint: disable=protected-access
       self.assertNotIsInstance(resource, tf.distribute.DistributedValues)
       self.assertEqual(tf.DeviceSpec.from_string(counter.device).device_type, "CPU")
@@ -397,9 +414,9 @@ class SkippedImageCounterTest(tf.test.TestCase):
     self.assertEqual(counter.count(), 3)
     # Distributed to the replicas, the pipeline still counts on the host.
     distributed = strategy.experimental_distribute_dataset(
-        input_pipeline.create_tfrecord_dataset(
-            path, is_training=False, batch_size=2, image_size=IMAGE_SIZE,
-            drop_remainder=False, skipped_image_counter=counter))
+        input_pipeline.create_tfrecord_dataset(path, **_pipeline_options(
+            is_training=False, batch_size=2, image_size=IMAGE_SIZE,
+            drop_remainder=False, skipped_image_counter=counter)))
     for _ in distributed:
       pass
     self.assertEqual(counter.count(), 6)
@@ -511,9 +528,9 @@ class TfdsSourceTest(tf.test.TestCase):
     for host in range(2):
       (images, labels, weights), num_batches = _concatenated(
           input_pipeline.create_tfds_dataset(
-              name, data_dir, "validation", is_training=False, batch_size=2,
-              image_size=IMAGE_SIZE, input_context=_host_context(2, host),
-              pad_to_batches=steps))
+              name, data_dir, "validation", **_pipeline_options(
+                  is_training=False, batch_size=2, image_size=IMAGE_SIZE,
+                  input_context=_host_context(2, host), pad_to_batches=steps)))
       self.assertEqual(num_batches, steps)
       self.assertEqual(weights.sum(), counts[host])
       self.assertAllEqual(images[weights == 0.0],
@@ -526,12 +543,14 @@ class TfdsSourceTest(tf.test.TestCase):
     missing = os.path.join(self.get_temp_dir(), "no_tfds_here")
     with self.assertRaisesRegex(input_pipeline.DataError, "no_tfds_here"):
       input_pipeline.create_tfds_dataset("imagenet2012", missing, "train",
-                                         is_training=True, batch_size=2, image_size=8)
+                                         **_pipeline_options(is_training=True,
+                                                             batch_size=2, image_size=8))
 
   def test_unprepared_builder_is_named_error(self):
     with self.assertRaisesRegex(input_pipeline.DataError, "not prepared"):
       input_pipeline.create_tfds_dataset("mnist", self.get_temp_dir(), "train",
-                                         is_training=True, batch_size=2, image_size=8)
+                                         **_pipeline_options(is_training=True,
+                                                             batch_size=2, image_size=8))
 
 
 if __name__ == "__main__":

@@ -76,8 +76,10 @@ class WriteTfrecordsTest(tf.test.TestCase):
     write_tfrecords.write_image_folder(self._image_folder(), output, "validation",
                                        num_shards=2, show_progress=False)
     dataset = input_pipeline.create_tfrecord_dataset(
-        os.path.join(output, "validation-*"), is_training=False, batch_size=8,
-        image_size=8)
+        os.path.join(output, "validation-*"),
+        stream=input_pipeline.StreamOptions(is_training=False),
+        preprocess=input_pipeline.PreprocessConfig(image_size=8),
+        batch=input_pipeline.BatchOptions(batch_size=8))
     _, labels = next(iter(dataset))
     self.assertCountEqual(labels.numpy(), [0] * 3 + [1] * 5)
 

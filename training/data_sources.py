@@ -94,70 +94,92 @@ def with_label_check(dataset, num_classes):
 LABEL_OUT_OF_RANGE = "label outside [0, --num_classes):"
 
 
-def _tfrecord_source(config, train_pattern, eval_pattern, num_train, num_eval,
-                     area_range=input_pipeline.IMAGENET_AREA_RANGE):
-  dtype = config.input_dtype
+def _stream_source(config, make_stream, *, num_train, num_eval, eval_host_counts,
+                   area_range=input_pipeline.IMAGENET_AREA_RANGE,
+                   check_labels_in_stream=True):
+  """The DataSource of a record stream: what every real-data source has in common.
+
+  Args:
+    config: the merged data and loop settings (see `data_source_for`).
+    make_stream: `make_stream(stream_options, input_context)` -> the host's
+      (seed, example dict) stream: the training split when
+      `stream_options.is_training`, else the evaluation split.
+    num_train, num_eval: examples of each split.
+    eval_host_counts: `eval_host_counts(num_input_pipelines)` -> each host's
+      evaluation example count.
+    area_range: the random crop's area range (see `input_pipeline.PreprocessConfig`).
+    check_labels_in_stream: check each batch's labels against --num_classes (for data
+      whose class count is not written down anywhere).
+  """
+  preprocess = input_pipeline.PreprocessConfig(
+      image_size=config.image_size, area_range=area_range, dtype=config.input_dtype)
+
+  def batches(stream, batch, input_context):
+    stream = stream.resolved()
+    dataset = input_pipeline.batches_from_stream(make_stream(stream, input_context),
+                                                 stream, preprocess, batch)
+    if check_labels_in_stream:
+      return with_label_check(dataset, config.num_classes)
+    return dataset
 
   def make_train_dataset(input_context, start_step):
-    return with_label_check(input_pipeline.create_tfrecord_dataset(
-        train_pattern, is_training=True,
-        batch_size=input_context.get_per_replica_batch_size(config.train_batch_size),
-        image_size=config.image_size, input_context=input_context,
-        shuffle_seed=config.seed, cache=config.cache_dataset, dtype=dtype,
+    stream = input_pipeline.StreamOptions(
+        is_training=True, shuffle_seed=config.seed,
         skip_examples=_per_host_examples(input_context, config.train_batch_size,
-                                         start_step), area_range=area_range),
-        config.num_classes)
+                                         start_step))
+    batch = input_pipeline.BatchOptions(
+        input_context.get_per_replica_batch_size(config.train_batch_size))
+    return batches(stream, batch, input_context)
 
-  eval_steps = _padded_eval_steps_fn(
-      functools.partial(input_pipeline.host_example_counts, eval_pattern),
-      config.eval_batch_size)
+  eval_steps = _padded_eval_steps_fn(eval_host_counts, config.eval_batch_size)
 
   def make_eval_dataset(input_context):
-    return with_label_check(input_pipeline.create_tfrecord_dataset(
-        eval_pattern, is_training=False,
-        batch_size=input_context.get_per_replica_batch_size(config.eval_batch_size),
-        image_size=config.image_size, input_context=input_context, dtype=dtype,
-        pad_to_batches=_eval_batches_per_host(input_context, eval_steps(input_context))),
-        config.num_classes)
+    batch = input_pipeline.BatchOptions(
+        input_context.get_per_replica_batch_size(config.eval_batch_size),
+        pad_to_batches=_eval_batches_per_host(input_context, eval_steps(input_context)))
+    return batches(input_pipeline.StreamOptions(is_training=False), batch,
+                   input_context)
 
   return DataSource(make_train_dataset, make_eval_dataset, num_train_examples=num_train,
                     num_eval_examples=num_eval, eval_steps=eval_steps,
                     input_options=input_pipeline.device_input_options())
 
 
+def _tfrecord_source(config, train_pattern, eval_pattern, num_train, num_eval,
+                     area_range=input_pipeline.IMAGENET_AREA_RANGE):
+  def make_stream(stream, input_context):
+    # --cache_dataset: only the training split is read more than once.
+    read = input_pipeline.ReadOptions(cache=config.cache_dataset and stream.is_training)
+    pattern = train_pattern if stream.is_training else eval_pattern
+    return input_pipeline.tfrecord_stream(pattern, stream, read, input_context)
+
+  return _stream_source(
+      config, make_stream, num_train=num_train, num_eval=num_eval,
+      eval_host_counts=functools.partial(input_pipeline.host_example_counts,
+                                         eval_pattern),
+      area_range=area_range)
+
+
 def _tfds_source(config):
   name = config.dataset[len("tfds/"):]
-  dtype = config.input_dtype
   info = tfds_source.load_tfds_builder(name, config.data_dir).info
   check_class_count(getattr(info.features["label"], "num_classes", None),
                     config.num_classes, f"tfds/{name} under {config.data_dir}")
   splits = info.splits
   eval_split = "validation" if "validation" in splits else "test"
-  num_train, num_eval = splits["train"].num_examples, splits[eval_split].num_examples
 
-  def make_train_dataset(input_context, start_step):
-    return input_pipeline.create_tfds_dataset(
-        name, config.data_dir, "train", is_training=True,
-        batch_size=input_context.get_per_replica_batch_size(config.train_batch_size),
-        image_size=config.image_size, input_context=input_context,
-        shuffle_seed=config.seed, dtype=dtype,
-        skip_examples=_per_host_examples(input_context, config.train_batch_size,
-                                         start_step))
+  def make_stream(stream, input_context):
+    split = "train" if stream.is_training else eval_split
+    return input_pipeline.tfds_stream(name, config.data_dir, split, stream,
+                                      input_context=input_context)
 
-  eval_steps = _padded_eval_steps_fn(
-      functools.partial(tfds_source.host_example_counts, splits[eval_split]),
-      config.eval_batch_size)
-
-  def make_eval_dataset(input_context):
-    return input_pipeline.create_tfds_dataset(
-        name, config.data_dir, eval_split, is_training=False,
-        batch_size=input_context.get_per_replica_batch_size(config.eval_batch_size),
-        image_size=config.image_size, input_context=input_context, dtype=dtype,
-        pad_to_batches=_eval_batches_per_host(input_context, eval_steps(input_context)))
-
-  return DataSource(make_train_dataset, make_eval_dataset, num_train_examples=num_train,
-                    num_eval_examples=num_eval, eval_steps=eval_steps,
-                    input_options=input_pipeline.device_input_options())
+  # The class count is checked above, from the builder's metadata.
+  return _stream_source(
+      config, make_stream, num_train=splits["train"].num_examples,
+      num_eval=splits[eval_split].num_examples,
+      eval_host_counts=functools.partial(tfds_source.host_example_counts,
+                                         splits[eval_split]),
+      check_labels_in_stream=False)
 
 
 def _synthetic_source(config):

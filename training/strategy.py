@@ -44,7 +44,8 @@ def split_cpu(num_cpu_devices: int):
   return [f"/cpu:{i}" for i in range(num_cpu_devices)]
 
 
-def _multi_worker_task_count() -> int:
+def multi_worker_task_count() -> int:
+  """Tasks that TF_CONFIG names (0 or 1: a single-process run)."""
   tf_config = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}")
   return sum(len(tasks) for tasks in tf_config.get("cluster", {}).values())
 
@@ -81,7 +82,7 @@ def create_strategy(*, tpu=None, num_cpu_devices: int = 8,
     return _tpu_strategy(tpu)
 
   gpus = tf.config.list_physical_devices("GPU")
-  if _multi_worker_task_count() > 1:
+  if multi_worker_task_count() > 1:
     # No CPU split here: a CPU worker is one replica (see the module docstring).
     # Ring collectives over gRPC between workers; NCCL inside each GPU worker.
     options = tf.distribute.experimental.CommunicationOptions(
@@ -195,7 +196,3 @@ def worker_scratch_dir(strategy: tf.distribute.Strategy, model_dir: str) -> str:
   resolver = strategy.cluster_resolver
   return os.path.join(model_dir, f"workertemp_{resolver.task_type}_{resolver.task_id}")
 
-
-def multi_worker_task_count() -> int:
-  """Tasks that TF_CONFIG names (0 or 1: a single-process run)."""
-  return _multi_worker_task_count()

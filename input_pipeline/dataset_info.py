@@ -57,12 +57,18 @@ def write_split_info(directory, split, shard_counts, class_names):
       "num_examples": int(sum(shard_counts.values())),
       "shards": {name: int(count) for name, count in sorted(shard_counts.items())},
   }
-  path = dataset_info_path(directory)
-  # Write-then-rename so that a crash never leaves half a JSON file behind.
-  with tf.io.gfile.GFile(path + ".tmp", "w") as f:
-    json.dump(info, f, indent=2)
-  tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+  write_json_atomically(dataset_info_path(directory), info)
   return info
+
+
+def write_json_atomically(path, value):
+  """Writes `value` as JSON to `path`, on any tf.io.gfile file system.
+
+  Write-then-rename, so that a crash never leaves half a JSON file behind.
+  """
+  with tf.io.gfile.GFile(path + ".tmp", "w") as f:
+    json.dump(value, f, indent=2, sort_keys=True, default=str)
+  tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
 
 
 def shard_example_counts(file_paths):

@@ -63,6 +63,11 @@ class BuildConfigTest(tf.test.TestCase, parameterized.TestCase):
        "data_dir", "reads no --data_dir"),
       ("negative_timeout", dict(collective_timeout_seconds=-1.0),
        "collective_timeout_seconds", "must not be negative"),
+      ("bad_shard_layout", dict(shard_weight_update="y"), "shard_weight_update",
+       "choose one of off, x, xy"),
+      ("sharding_without_the_torus",
+       dict(shard_weight_update="xy", allreduce="strategy"), "shard_weight_update",
+       "use --allreduce=torus"),
   )
   def test_bad_values_name_their_flag(self, overrides, flag, message):
     with self.assertRaisesRegex(config_lib.ConfigError, f"--{flag}: .*{message}"):
@@ -89,7 +94,7 @@ class BuildConfigTest(tf.test.TestCase, parameterized.TestCase):
   def test_good_config_passes_replica_checks(self):
     config = config_lib.build_config("cpu_demo", bn_group_size=4, torus_shape=(4, 2))
     config_lib.check_against_replicas(config, 8)
-    self.assertEqual(config.topology(8).block_groups(4), [[0, 1, 2, 3], [4, 5, 6, 7]])
+    self.assertEqual(config.grid(8).block_groups(4), [[0, 1, 2, 3], [4, 5, 6, 7]])
 
 
 class CommandLineErrorTest(tf.test.TestCase, parameterized.TestCase):

@@ -34,6 +34,7 @@ from input_pipeline import schema
 from resnet import resnet_model
 from tests import loopback
 from tests import toy_images
+from training import specs
 from training import trainer as trainer_lib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -301,7 +302,7 @@ def _poisoned_data_source(poisoned_step, per_replica_batch=4, image_size=16):
 
     return batches.enumerate().map(poison)
 
-  return trainer_lib.DataSource(
+  return specs.DataSource(
       make_train_dataset, lambda context: None, num_train_examples=64,
       num_eval_examples=0, eval_steps=lambda context: 0)
 
@@ -318,8 +319,8 @@ class DivergenceStepTest(tf.test.TestCase):
         build_backbone=lambda: resnet_model.build_resnet_for_depth(
             10, num_classes=4, image_size=16, width=8),
         data=_poisoned_data_source(poisoned_step=5),
-        recipe=trainer_lib.Recipe(num_classes=4, learning_rate=0.05),
-        cadence=trainer_lib.Cadence(total_steps=12, global_batch_size=8,
+        recipe=specs.Recipe(num_classes=4, learning_rate=0.05),
+        cadence=specs.Cadence(total_steps=12, global_batch_size=8,
                                     eval_batch_size=8, log_every_steps=2,
                                     checkpoint_every_steps=2))
     with self.assertRaises(trainer_lib.TrainingDiverged) as raised:

@@ -20,8 +20,10 @@ collectives). Checking order-independent statistics instead would let a wrong sh
 or a doubled sum pass.
 
 The workers are interrupted after `FIRST_STEPS` and resumed to `TOTAL_STEPS` by a new
-trainer that starts from other weights, while the reference trains straight through,
-so the final comparison also checks resume: the workers must restore the chief's
+trainer that starts from other weights and updates by shards (each worker applies the
+optimizer to half of the weights and the two halves are all-gathered across the
+processes), while the reference trains straight through unsharded, so the final
+comparison also checks the sharded update across processes, and resume: the workers must restore the chief's
 checkpoint (the other worker reads it from the shared model dir). Only the chief may
 write into the model dir: its checkpoints there, the other worker's in a temporary
 directory.

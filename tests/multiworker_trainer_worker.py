@@ -8,8 +8,8 @@
 A worker sets its `TF_CONFIG`, builds the strategy with `training.strategy`
 (MultiWorkerMirroredStrategy, one replica per CPU worker) and trains the tiny ResNet
 twice in the shared `--model_dir`, as a job that is interrupted and restarted would: to
-step `FIRST_STEPS`, then (new model, other initial weights) to `TOTAL_STEPS`, which
-must resume from the chief's checkpoint.
+step `FIRST_STEPS`, then (new model, other initial weights, and the sharded weight
+update) to `TOTAL_STEPS`, which must resume from the chief's checkpoint.
 
 The reference (`--reference`, no `TF_CONFIG`) gets MirroredStrategy over 2 logical
 CPUs from the same `training.strategy`, so the same replica count, and trains straight
@@ -27,6 +27,7 @@ saw (`report.json`, with the evaluation's steps and results) under `--output`.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -76,7 +77,7 @@ def replica_slice_data_source():
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top
-  from training import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+  from training import specs  # pylint: disable=g-import-not-at-top
   images, labels = toy_examples()
   eval_images, eval_labels = toy_eval_examples()
 
@@ -109,16 +110,19 @@ def replica_slice_data_source():
         num_batches=(eval_steps(input_context)
                      * input_context.num_replicas_in_sync // hosts))
 
-  return trainer_lib.DataSource(
+  return specs.DataSource(
       make_train_dataset, make_eval_dataset, num_train_examples=NUM_EXAMPLES,
       num_eval_examples=NUM_EVAL_EXAMPLES, eval_steps=eval_steps)
 
 
-def build_trainer(strategy, model_dir, *, total_steps, timeout_seconds):
-  """The trainer of the run: depth-10, width-8 ResNet, torus sum, grouped batch norm."""
+def build_trainer(strategy, model_dir, *, total_steps, timeout_seconds, shards=None):
+  """The trainer of the run: depth-10, width-8 ResNet, torus sum, grouped batch norm;
+  `shards` ("x", "xy"): the sharded weight update."""
   import allreduce  # pylint: disable=g-import-not-at-top
   from resnet import group_batch_norm  # pylint: disable=g-import-not-at-top
   from resnet import resnet_model  # pylint: disable=g-import-not-at-top
+  from training import sharded_optimizer  # pylint: disable=g-import-not-at-top
+  from training import specs  # pylint: disable=g-import-not-at-top
   from training import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
 
   grid = allreduce.TorusTopology(*TORUS_SHAPE)
@@ -127,6 +131,8 @@ def build_trainer(strategy, model_dir, *, total_steps, timeout_seconds):
   norm_layer = group_batch_norm.make_batch_norm_factory(BN_GROUP_SIZE, grid=grid,
                                                         backend=backend)
   aggregator = allreduce.make_torus_aggregator(grid, backend=backend)
+  sharding = shards and sharded_optimizer.WeightUpdateSharding(
+      grid, shards=shards, timeout_seconds=timeout_seconds)
 
   def build_backbone():
     return resnet_model.build_resnet_for_depth(
@@ -136,14 +142,14 @@ def build_trainer(strategy, model_dir, *, total_steps, timeout_seconds):
   return trainer_lib.Trainer(
       strategy=strategy, model_dir=model_dir, build_backbone=build_backbone,
       data=replica_slice_data_source(),
-      recipe=trainer_lib.Recipe(num_classes=NUM_CLASSES, learning_rate=0.05,
+      recipe=specs.Recipe(num_classes=NUM_CLASSES, learning_rate=0.05,
                                 momentum=0.9, weight_decay=1e-4),
-      cadence=trainer_lib.Cadence(total_steps=total_steps,
+      cadence=specs.Cadence(total_steps=total_steps,
                                   global_batch_size=GLOBAL_BATCH,
                                   eval_batch_size=GLOBAL_BATCH,
                                   log_every_steps=CHECKPOINT_EVERY_STEPS,
                                   checkpoint_every_steps=CHECKPOINT_EVERY_STEPS),
-      gradient_aggregator=aggregator)
+      gradient_aggregator=aggregator, weight_update_sharding=sharding)
 
 
 def set_initial_weights(trainer, seed):
@@ -177,8 +183,11 @@ def train_interrupted_and_resumed(strategy, model_dir, *, timeout_seconds):
   set_initial_weights(first, seed=1)
   first.train()
   first_weights = backbone_weights(first)
+  # The restarted job updates by shards (each worker half of the weights): its sum,
+  # update and weight all-gather cross the process boundary, from the unsharded run's
+  # checkpoint, and must still end where the unsharded reference ends.
   second = build_trainer(strategy, model_dir, total_steps=TOTAL_STEPS,
-                         timeout_seconds=timeout_seconds)
+                         timeout_seconds=timeout_seconds, shards="x")
   # Only a restore from the checkpoint can bring these back to the first run's state.
   set_initial_weights(second, seed=99)
   second.train()
@@ -196,7 +205,7 @@ def train_straight_through(strategy, model_dir, *, timeout_seconds):
   set_initial_weights(trainer, seed=1)
   trainer.train()
   first_step, first_weights = trainer.step, backbone_weights(trainer)
-  trainer.total_steps = TOTAL_STEPS
+  trainer.cadence = dataclasses.replace(trainer.cadence, total_steps=TOTAL_STEPS)
   trainer.train()  # Restores the checkpoint it just wrote: the same state.
   return trainer, first_step, first_weights, backbone_weights(trainer)
 
@@ -250,8 +259,8 @@ def main():
       "strategy": type(strategy).__name__,
       "num_replicas": strategy.num_replicas_in_sync,
       "is_chief": first.is_chief,
-      "checkpoint_dirs": [first.checkpoint_manager.directory,
-                          second.checkpoint_manager.directory],
+      "checkpoint_dirs": [first.checkpoints.manager.directory,
+                          second.checkpoints.manager.directory],
       "steps": [first_step, second.step],
       "num_weights": len(final_weights),
       "input_pipelines": strategy_lib.input_context(strategy).num_input_pipelines,

@@ -158,7 +158,7 @@ class PaperPresetTest(tf.test.TestCase):
                      ("lars", 0.1, "mixed_bfloat16"))
     # 2048 replicas (1024 TPU v3 chips) on the most square grid, groups of 2.
     config_lib.check_against_replicas(config, 2048)
-    self.assertEqual(config.topology(2048).shape, (32, 64))
+    self.assertEqual(config.grid(2048).shape, (32, 64))
 
   def test_paper_64k(self):
     config = config_lib.build_config("paper_64k", data_dir=self.get_temp_dir())

@@ -134,7 +134,7 @@ def replica_values(variable):
 
 
 def slot_values(optimizer, variables):
-  if isinstance(optimizer, sharded_optimizer._ShardedUpdate):  # pylint: disable=protected-access
+  if isinstance(optimizer, sharded_optimizer.ShardedUpdate):
     optimizer.gather_slots_for_checkpoint()
   return [replica_values(optimizer.get_slot(v, "momentum")) for v in variables]
 
@@ -250,6 +250,34 @@ class ShardedUpdateTest(tf.test.TestCase, parameterized.TestCase):
     run_steps(optimizer, variables, gradients, range(NUM_STEPS))
     self.assertEqual(int(optimizer.iterations.numpy()), NUM_STEPS)
     self.assert_matches(variables, optimizer, want_weights, want_slots)
+
+  @parameterized.parameters(("sgd", (2, 4), "xy"), ("lars", (4, 2), "x"))
+  def test_dynamic_loss_scaling_matches_the_unsharded_optimizer(self, rule, grid,
+                                                                shards):
+    # Steps 1 and 2 overflow on one replica only (another each time): both are
+    # skipped on every replica and the scale halves twice; two finite steps in a row
+    # double it.
+    gradients = gradient_values(NUM_STEPS + 2, non_finite_step=1)
+    gradients[4][2, 6, 0, 0] = np.nan
+    scales = dict(initial_scale=2.0**6, dynamic_growth_steps=2)
+    variables = make_variables()
+    with strategy().scope():
+      reference = tf_keras.mixed_precision.LossScaleOptimizer(make_optimizer(rule),
+                                                             **scales)
+    run_steps(reference, variables, gradients, range(NUM_STEPS + 2))
+    want_weights = [v.numpy() for v in variables]
+    want_slots = slot_values(reference.inner_optimizer, variables)
+
+    variables = make_variables()
+    with strategy().scope():
+      optimizer = sharded_optimizer.ShardedLossScaleOptimizer(
+          make_optimizer(rule, make_sharding(grid, shards)), **scales)
+    run_steps(optimizer, variables, gradients, range(NUM_STEPS + 2))
+    self.assertEqual(int(optimizer.iterations.numpy()), NUM_STEPS + 2)
+    # 64, halved by each overflow to 16, doubled after steps 3 and 4: 32.
+    self.assertEqual(float(reference.loss_scale), 32.0)
+    self.assertEqual(float(optimizer.loss_scale), float(reference.loss_scale))
+    self.assert_matches(variables, optimizer.inner_optimizer, want_weights, want_slots)
 
   @parameterized.parameters(
       ("unsharded", "sharded 2x4 x"),

@@ -163,25 +163,25 @@ class ReplicaTopologyTest(tf.test.TestCase):
     assignment = tf.tpu.experimental.DeviceAssignment.build(topology,
                                                             num_replicas=32)
     strategy = _fake_tpu_strategy(assignment)
-    grid = strategy_lib.replica_topology(strategy)
+    grid = strategy_lib.replica_grid(strategy)
     self.assertEqual(grid.shape, (8, 4))  # 4 chips x 2 cores, by 4 chips
     for row in grid.row_groups():
       places = [tuple(assignment.coordinates(r, 0)) for r in row]
       self.assertEqual([p[0] * 2 + p[3] for p in places], list(range(8)))
       self.assertLen({p[1] for p in places}, 1)
-    self.assertEqual(strategy_lib.replica_topology(strategy, (4, 8)).shape, (4, 8))
+    self.assertEqual(strategy_lib.replica_grid(strategy, (4, 8)).shape, (4, 8))
     with self.assertRaisesRegex(ValueError, "does not follow this TPU slice"):
-      strategy_lib.replica_topology(strategy, (2, 16))
+      strategy_lib.replica_grid(strategy, (2, 16))
 
   def test_tpu_strategy_without_assignment_is_an_error(self):
     with self.assertRaisesRegex(ValueError, "no device assignment"):
-      strategy_lib.replica_topology(_fake_tpu_strategy(None))
+      strategy_lib.replica_grid(_fake_tpu_strategy(None))
 
   def test_other_strategies_number_replicas_in_order(self):
     strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(8)])
-    grid = strategy_lib.replica_topology(strategy, (2, 4))
+    grid = strategy_lib.replica_grid(strategy, (2, 4))
     self.assertEqual((grid.shape, grid.device_order), ((2, 4), tuple(range(8))))
-    self.assertEqual(strategy_lib.replica_topology(strategy).shape, (2, 4))
+    self.assertEqual(strategy_lib.replica_grid(strategy).shape, (2, 4))
 
   def test_tpu_strategy_still_keeps_its_device_assignment(self):
     # tpu_device_assignment reads a private attribute; fail loudly if TF renames it.

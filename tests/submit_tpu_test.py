@@ -176,7 +176,11 @@ class PlanTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(by_description["delete the preempted slice"].shell(),
                      f"{queued} delete r50 {WHERE} --force --quiet")
     wait = by_description["wait until the queued resource is ACTIVE"]
-    self.assertEqual((wait.argv[:2], wait.when), (("bash", "-c"), submit_tpu.IF_ABSENT))
+    self.assertEqual((wait.argv[:2], wait.when),
+                     (("bash", "-c"), submit_tpu.IF_NOT_ACTIVE))
+    self.assertEqual(plan[0].shell(), f"{queued} describe r50 {WHERE} "
+                     "'--format=value(state.state)'")
+    self.assertEqual(plan[0].kind, "probe")
     self.assertIn(f"{queued} describe r50 {WHERE}", wait.argv[2])
     self.assertIn("ACTIVE) exit 0", wait.argv[2])
     self.assertEqual(plan[-1].shell(), f"{queued} delete r50 {WHERE} --force --quiet")
@@ -271,8 +275,11 @@ class RunPlanTest(tf.test.TestCase):
     calls = []
 
     def runner(argv):
-      calls.append(argv[4])  # the gcloud verb
-      return 1 if argv[4] == fail_on else 0
+      # The gcloud verb, "queued-<verb>" for a queued resource, "wait" for the poll.
+      verb = ("wait" if argv[0] == "bash" else
+              f"queued-{argv[4]}" if argv[3] == "queued-resources" else argv[4])
+      calls.append(verb)
+      return 1 if verb == fail_on else 0
 
     error = None
     try:
@@ -311,6 +318,31 @@ class RunPlanTest(tf.test.TestCase):
   def test_preempted_slice_is_recreated(self):
     calls, _ = self._run(self._plan(self.tmp), state="PREEMPTED")
     self.assertEqual(calls, ["delete", "create", "scp", "ssh", "ssh", "delete"])
+
+  def _queued_plan(self, tmp):
+    job = _job(create=True, queued=True, spot=True, runtime_version="v", repo_dir=tmp)
+    return submit_tpu.build_plan(job, os.path.join(tmp, "out.tar.gz"))
+
+  def test_queued_request_is_made_once_then_waited_for(self):
+    calls, error = self._run(self._queued_plan(self.tmp), state="")
+    self.assertIsNone(error)
+    self.assertEqual(calls, ["queued-create", "wait", "scp", "ssh", "ssh"])
+
+  def test_resubmitting_while_the_request_waits_does_not_request_again(self):
+    for pending in ("ACCEPTED", "WAITING_FOR_RESOURCES", "PROVISIONING"):
+      calls, error = self._run(self._queued_plan(self.tmp), state=pending)
+      self.assertIsNone(error)
+      self.assertEqual(calls, ["wait", "scp", "ssh", "ssh"], pending)
+
+  def test_active_queued_slice_is_reused(self):
+    calls, _ = self._run(self._queued_plan(self.tmp), state="ACTIVE")
+    self.assertEqual(calls, ["scp", "ssh", "ssh"])
+
+  def test_failed_or_suspended_request_is_deleted_and_made_again(self):
+    for dead in ("FAILED", "SUSPENDED"):
+      calls, _ = self._run(self._queued_plan(self.tmp), state=dead)
+      self.assertEqual(calls, ["queued-delete", "queued-create", "wait", "scp", "ssh",
+                               "ssh"], dead)
 
   def test_stops_at_first_failure_but_still_deletes(self):
     calls, error = self._run(self._plan(self.tmp), state="READY", fail_on="scp")

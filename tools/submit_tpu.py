@@ -303,11 +303,19 @@ def _check_replicas(trainer_args: Sequence[str], spec: SliceSpec):
 # The plan: the commands, in order.
 # ---------------------------------------------------------------------------
 
-# When a step runs. The runner decides the `slice_*` ones from the slice's state.
+# When a step runs. The runner decides the `IF_*` ones from the probed state: a
+# node's (`tpu-vm describe`) or, with --queued, its queued resource's.
 ALWAYS = "always"
-IF_PREEMPTED = "if_preempted"  # the slice exists but was preempted (spot)
+IF_PREEMPTED = "if_preempted"  # the slice exists but cannot run: delete it first
 IF_ABSENT = "if_absent"  # no usable slice: missing, or just deleted
+IF_NOT_ACTIVE = "if_not_active"  # a queued request not granted yet (or just made)
 FINALLY = "finally"  # also after an earlier step failed
+
+# States after which a slice must be deleted and requested again: a preempted spot
+# node; a queued resource that failed, or was suspended by a spot preemption.
+_UNUSABLE_STATES = ("PREEMPTED", "FAILED", "SUSPENDED")
+# States of a slice that runs now (a node's READY, a queued resource's ACTIVE).
+_RUNNING_STATES = ("READY", "ACTIVE")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,9 +386,11 @@ def build_plan(job: TpuJob, archive: str) -> List[Step]:
   plan = []
   if job.create:
     version = runtime_version(job, spec)
-    plan.append(Step("look up the slice", _gcloud(
-        "describe", job, "--format=value(state)"), kind="probe"))
     if job.queued:
+      # The queued resource, not the node: while a request waits for capacity there
+      # is no node yet, and a second `create` of the same request would fail.
+      plan.append(Step("look up the queued resource", _queued(
+          "describe", job, "--format=value(state.state)"), kind="probe"))
       # Deleting the queued resource (with --force) deletes its node too.
       plan.append(Step("delete the preempted slice", _queued(
           "delete", job, "--force", "--quiet"), when=IF_PREEMPTED))
@@ -392,8 +402,10 @@ def build_plan(job: TpuJob, archive: str) -> List[Step]:
       plan.append(Step("request the slice as a queued resource", create,
                        when=IF_ABSENT))
       plan.append(Step("wait until the queued resource is ACTIVE",
-                       _wait_until_active(job), when=IF_ABSENT))
+                       _wait_until_active(job), when=IF_NOT_ACTIVE))
     else:
+      plan.append(Step("look up the slice", _gcloud(
+          "describe", job, "--format=value(state)"), kind="probe"))
       plan.append(Step("delete the preempted slice", _gcloud(
           "delete", job, "--quiet"), when=IF_PREEMPTED))
       create = _gcloud("create", job, f"--accelerator-type={job.accelerator_type}",
@@ -428,8 +440,9 @@ def build_plan(job: TpuJob, archive: str) -> List[Step]:
 
 def format_plan(plan: Sequence[Step]) -> str:
   """What --dry_run prints: a comment per step, then the command."""
-  notes = {IF_PREEMPTED: " (only if the slice is PREEMPTED)",
+  notes = {IF_PREEMPTED: " (only if the slice is PREEMPTED, FAILED or SUSPENDED)",
            IF_ABSENT: " (only if no usable slice exists)",
+           IF_NOT_ACTIVE: " (unless the queued resource is ACTIVE already)",
            FINALLY: " (also after a failure)"}
   lines = []
   for step in plan:
@@ -488,10 +501,12 @@ def run_plan(plan: Sequence[Step], runner: Callable[[Sequence[str]], int] = _str
   for step in plan:
     if failure is not None and step.when != FINALLY:
       continue
-    if step.when == IF_PREEMPTED and state != "PREEMPTED":
+    if step.when == IF_PREEMPTED and state not in _UNUSABLE_STATES:
       continue
     if step.when == IF_ABSENT and state not in ("", "DELETED"):
       log(f"# slice exists ({state}); not creating it")
+      continue
+    if step.when == IF_NOT_ACTIVE and state in _RUNNING_STATES:
       continue
     log(f"# {step.description}")
     if step.kind == "probe":

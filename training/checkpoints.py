@@ -24,7 +24,9 @@ import threading
 import tensorflow as tf
 from absl import logging
 
+from input_pipeline import dataset_info
 from training import config as config_lib
+from training import strategy as strategy_lib
 
 CHECKPOINT_CONFIG_FILENAME = "checkpoint_config.json"
 
@@ -81,13 +83,12 @@ def check_checkpoint_config(checkpoint_dir, model_dir, settings):
 
 
 def write_checkpoint_config(checkpoint_dir, settings):
+  """Writes the model-defining settings beside the checkpoints, unless already there."""
   path = os.path.join(checkpoint_dir, CHECKPOINT_CONFIG_FILENAME)
   if tf.io.gfile.exists(path):
     return
   tf.io.gfile.makedirs(checkpoint_dir)
-  with tf.io.gfile.GFile(path + ".tmp", "w") as f:
-    json.dump(settings, f, indent=2, sort_keys=True)
-  tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+  dataset_info.write_json_atomically(path, settings)
 
 
 # A checkpoint whose files cannot be read (the reader raises IndexError on a truncated
@@ -116,6 +117,47 @@ def restore_latest_readable(checkpoint, checkpoint_dir, model_dir):
           f"--ema_decay or --precision?): {str(e).strip().splitlines()[0][:200]}; "
           "use the flags it was trained with, or a new --model_dir") from None
   return None
+
+
+class RunCheckpoints:
+  """One run's checkpoints: where they go, and what a restore must match.
+
+  Every worker saves (saving may need collectives); only the chief's copy is kept in
+  `<model_dir>/checkpoints`, the others' in a folder of their own under the model dir.
+
+  Args:
+    strategy: the run's strategy (restores happen in its scope).
+    model_dir: the run's folder.
+    checkpoint: the `tf.train.Checkpoint` of the model and optimizer.
+    settings: {flag: value} of the settings that shape the checkpoint (see
+      `check_checkpoint_config`).
+  """
+
+  def __init__(self, strategy, model_dir, checkpoint, settings):
+    self._strategy = strategy
+    self._model_dir = model_dir
+    self._checkpoint = checkpoint
+    self._settings = dict(settings or {})
+    self._is_chief = strategy_lib.is_chief(strategy)
+    self._config_written = False
+    self.directory = os.path.join(model_dir, "checkpoints")
+    own_dir = self.directory if self._is_chief else os.path.join(
+        strategy_lib.worker_scratch_dir(strategy, model_dir), "checkpoints")
+    self.manager = tf.train.CheckpointManager(checkpoint, own_dir, max_to_keep=3)
+
+  def restore(self):
+    """Restores the newest readable checkpoint, if any; returns its path or None.
+    Raises CheckpointMismatch when the model dir belongs to another model."""
+    check_checkpoint_config(self.directory, self._model_dir, self._settings)
+    with self._strategy.scope():
+      return restore_latest_readable(self._checkpoint, self.directory, self._model_dir)
+
+  def save(self, step):
+    """Saves as checkpoint number `step` (the caller checks that it is sound)."""
+    if self._is_chief and not self._config_written:
+      write_checkpoint_config(self.directory, self._settings)
+      self._config_written = True
+    self.manager.save(checkpoint_number=step)
 
 
 class PreemptionWatch:

@@ -28,6 +28,7 @@ ALLREDUCE_KINDS = ("torus", "strategy")
 OPTIMIZERS = ("sgd", "lars")
 LR_DECAYS = ("polynomial", "cosine")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+WEIGHT_UPDATE_SHARDINGS = ("off", "x", "xy")
 
 # A bad setting; `flag` names the command-line flag that holds it.
 ConfigError = FlagError
@@ -133,6 +134,12 @@ class DistributionConfig:
       "norm's, the strategy's own), so a lost worker ends the run (0 = wait forever).")
   jit_compile: bool = setting(False, "XLA-compile the train step (GPUs; TPUs always "
                               "compile).")
+  # Off by default until it is faster here than the unsharded update (docs/RESULTS.md).
+  shard_weight_update: str = setting(
+      "off", "With the torus all-reduce: each replica applies the optimizer to 1/x "
+      "('x') or 1/(x*y) ('xy') of the weights and the updated weights are "
+      "all-gathered; 'off': every replica updates every weight.",
+      WEIGHT_UPDATE_SHARDINGS)
 
   def check(self):
     _check_choices(self)
@@ -142,6 +149,10 @@ class DistributionConfig:
              f"{self.collective_timeout_seconds}")
     _require(self.tpu is not None or self.num_cpu_devices >= 1, "num_cpu_devices",
              f"must be at least 1, got {self.num_cpu_devices}")
+    _require(self.shard_weight_update == "off" or self.allreduce == "torus",
+             "shard_weight_update", f"{self.shard_weight_update!r} shards the update "
+             "after the torus reduce-scatter; use --allreduce=torus, or "
+             "--shard_weight_update=off")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,7 +271,8 @@ class TrainConfig:
     """Peak learning rate: the base rate scaled linearly with the global batch."""
     return self.optimizer.base_learning_rate * self.loop.train_batch_size / 256.0
 
-  def topology(self, num_replicas: int) -> topology.TorusTopology:
+  def grid(self, num_replicas: int) -> topology.TorusTopology:
+    """The replica torus: --torus_shape, or the most square grid of the replicas."""
     return topology.TorusTopology.for_replicas(num_replicas,
                                                self.distribution.torus_shape)
 
@@ -297,7 +309,7 @@ def check_against_replicas(config: TrainConfig, num_replicas: int):
              f"use a multiple of {num_replicas}, e.g. "
              f"{max(1, round(value / num_replicas)) * num_replicas}")
   try:
-    grid = config.topology(num_replicas)
+    grid = config.grid(num_replicas)
   except topology.TopologyError as e:
     raise ConfigError("torus_shape", str(e)) from None
   try:

@@ -19,7 +19,7 @@ import input_pipeline
 from input_pipeline import dataset_info as dataset_info_lib
 from input_pipeline import tfds_source
 from training import config as config_lib
-from training.trainer import DataSource
+from training.specs import DataSource
 
 # ImageNet-2012 (ILSVRC) split sizes, used when the shards carry no dataset_info.json.
 IMAGENET_TRAIN_EXAMPLES = 1_281_167

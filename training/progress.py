@@ -1,7 +1,6 @@
 """What a run shows and leaves behind: the progress line and TensorBoard scalars of each
 loop, the checkpoint cadence, and `summary.json` at the end."""
 
-import json
 import os
 import time
 
@@ -9,6 +8,7 @@ import tensorflow as tf
 import tf_keras
 from absl import logging
 
+from input_pipeline import dataset_info
 from training import model as model_lib
 
 
@@ -97,5 +97,4 @@ def write_run_summary(model_dir, step, final_results, loops=(), config_dict=None
   logging.info("final top1 %s, best top1 %s at step %s",
                final_results.get("top1") if final_results else None,
                summary["best_top1"], summary["best_step"])
-  with tf.io.gfile.GFile(os.path.join(model_dir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2, default=str)
+  dataset_info.write_json_atomically(os.path.join(model_dir, "summary.json"), summary)

@@ -12,7 +12,9 @@ from resnet import resnet_model
 from training import config as config_lib
 from training import data_sources
 from training import optimizer as optimizer_lib
+from training import sharded_optimizer
 from training import strategy as strategy_lib
+from training import specs
 from training import trainer as trainer_lib
 
 
@@ -39,7 +41,17 @@ def build_aggregator(distribution, grid, strategy):
       timeout_seconds=distribution.collective_timeout_seconds)
 
 
-def build_recipe(config, data) -> trainer_lib.Recipe:
+def build_weight_update_sharding(distribution, grid):
+  """Where each replica's shard of the update lies, or None for the unsharded update."""
+  if distribution.shard_weight_update == "off":
+    return None
+  return sharded_optimizer.WeightUpdateSharding(
+      grid, shards=distribution.shard_weight_update,
+      pack_size_bytes=int(distribution.allreduce_pack_mb * 2**20),
+      timeout_seconds=distribution.collective_timeout_seconds)
+
+
+def build_recipe(config, data) -> specs.Recipe:
   """The optimizer settings with the learning-rate schedule for this data set."""
   opt, loop = config.optimizer, config.loop
   total_steps = loop.steps_for(data.num_train_examples)
@@ -47,7 +59,7 @@ def build_recipe(config, data) -> trainer_lib.Recipe:
   learning_rate = optimizer_lib.warmup_then_decay(
       config.learning_rate, warmup_steps=math.ceil(opt.warmup_epochs * steps_per_epoch),
       total_steps=total_steps, decay=opt.lr_decay)
-  return trainer_lib.Recipe(
+  return specs.Recipe(
       num_classes=config.data.num_classes, learning_rate=learning_rate,
       optimizer_name=opt.optimizer, momentum=opt.momentum,
       weight_decay=opt.weight_decay, label_smoothing=opt.label_smoothing,
@@ -55,8 +67,8 @@ def build_recipe(config, data) -> trainer_lib.Recipe:
       jit_compile=config.distribution.jit_compile)
 
 
-def build_cadence(loop, data) -> trainer_lib.Cadence:
-  return trainer_lib.Cadence(
+def build_cadence(loop, data) -> specs.Cadence:
+  return specs.Cadence(
       total_steps=loop.steps_for(data.num_train_examples),
       global_batch_size=loop.train_batch_size, eval_batch_size=loop.eval_batch_size,
       steps_per_execution=loop.steps_per_execution,
@@ -77,7 +89,7 @@ def build_trainer(config, strategy, data=None) -> trainer_lib.Trainer:
   config_lib.check_against_replicas(config, num_replicas)
   # On TPU the grid follows the chips' physical coordinates (see allreduce/topology).
   try:
-    grid = strategy_lib.replica_topology(strategy, config.distribution.torus_shape)
+    grid = strategy_lib.replica_grid(strategy, config.distribution.torus_shape)
   except allreduce.TopologyError as e:
     raise config_lib.ConfigError("torus_shape", str(e)) from None
   log_config(config, num_replicas, grid)
@@ -101,6 +113,7 @@ def build_trainer(config, strategy, data=None) -> trainer_lib.Trainer:
       data=data, recipe=build_recipe(config, data),
       cadence=build_cadence(config.loop, data),
       gradient_aggregator=build_aggregator(config.distribution, grid, strategy),
+      weight_update_sharding=build_weight_update_sharding(config.distribution, grid),
       checkpoint_settings=checkpoint_settings(config))
 
 

@@ -37,6 +37,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import tensorflow as tf
 import tf_keras
 from official.modeling.optimization import lars
+from tf_keras.src.mixed_precision import loss_scale_optimizer
 
 from allreduce import collectives
 from allreduce.topology import TopologyError, TorusTopology
@@ -195,7 +196,7 @@ def unpack_buffer(pack: Pack, buffer: tf.Tensor, shapes) -> List[tf.Tensor]:
           for piece, slot, size, shape in zip(pieces, slots, pack.sizes, shapes)]
 
 
-class _ShardedUpdate:
+class ShardedUpdate:
   """The sharded `apply_gradients` of a momentum optimizer (a tf_keras OptimizerV2).
 
   The optimizer's own rule comes from `_shard_statistics` (per-layer partial sums the
@@ -456,7 +457,7 @@ class _ShardedUpdate:
       buffer.assign(shard.cut(self._members(shard.pack, views)), read_value=False)
 
 
-class ShardedSGD(_ShardedUpdate, tf_keras.optimizers.legacy.SGD):
+class ShardedSGD(ShardedUpdate, tf_keras.optimizers.legacy.SGD):
   """tf_keras legacy SGD (Keras momentum: v = m v - lr g; w += v, or Nesterov
   w += m v - lr g), applied shard by shard. Same slots and checkpoint as `SGD`."""
 
@@ -481,7 +482,7 @@ class ShardedSGD(_ShardedUpdate, tf_keras.optimizers.legacy.SGD):
     return new_weights, new_momentum
 
 
-class ShardedLARS(_ShardedUpdate, lars.LARS):
+class ShardedLARS(ShardedUpdate, lars.LARS):
   """Model Garden LARS (classic momentum) applied shard by shard.
 
   Per layer, as `LARS._resource_apply_dense`: g' = g + wd w where decayed; trust
@@ -569,3 +570,55 @@ def build_sharded_optimizer(name, learning_rate, sharding: WeightUpdateSharding,
         exclude_from_layer_adaptation=list(optimizer_lib.EXCLUDED_FROM_DECAY),
         sharding=sharding)
   raise ValueError(f"unknown optimizer {name!r}")
+
+
+# The legacy-optimizer loss-scale wrapper itself: the public
+# `tf_keras.mixed_precision.LossScaleOptimizer` is a factory base whose subclasses are
+# not constructed as wrappers.
+_LegacyLossScaleOptimizer = loss_scale_optimizer.LossScaleOptimizer
+
+
+class ShardedLossScaleOptimizer(_LegacyLossScaleOptimizer):
+  """tf_keras' dynamic loss scaling around a sharded update, for mixed_float16.
+
+  `LossScaleOptimizer` sums the gradients itself (so that every replica sees the same
+  non-finite values and all skip the step together), then asks the inner optimizer to
+  apply the *summed* gradients. A sharded update must get them unsummed: it sums them
+  into its shards. Here every replica instead learns whether any replica's gradients
+  hold an inf or NaN through one scalar all-reduce, and a replica whose own gradients
+  are finite while another's are not gets a NaN put into its first gradient. The loss
+  scale then moves, and a step is skipped, exactly as under the unsharded optimizer,
+  and the inner optimizer still receives every replica's own gradients.
+
+  `_apply_gradients` is tf_keras' (2.20) private hook through which the wrapper calls
+  the inner optimizer; it is overridden to pass the gradients on as unsummed, and the
+  wrapper class is reached through tf_keras' private module path.
+  tests/sharded_update_test.py fails if either changes.
+  """
+
+  def apply_gradients(self, grads_and_vars, name=None,
+                      experimental_aggregate_gradients=True):
+    if not experimental_aggregate_gradients:
+      raise ValueError("a sharded weight update needs the unsummed gradients "
+                       "(experimental_aggregate_gradients=True)")
+    grads_and_vars = [(g, v) for g, v in grads_and_vars if g is not None]
+    gradients = [tf.convert_to_tensor(g) for g, _ in grads_and_vars]
+    nonfinite = tf.add_n([tf.reduce_sum(tf.cast(~tf.math.is_finite(g), tf.float32))
+                          for g in gradients])
+    backend = self.inner_optimizer._resolve_backend()  # pylint: disable=protected-access
+    num_replicas = self.inner_optimizer.sharding.grid.num_replicas
+    total = backend.all_reduce_sum(tf.reshape(nonfinite, [1]),
+                                   [list(range(num_replicas))])[0]
+    poison = tf.where(total > 0, tf.constant(float("nan"), gradients[0].dtype),
+                      tf.zeros([], gradients[0].dtype))
+    gradients[0] = gradients[0] + poison
+    # Summed here means "every replica agrees on finiteness"; the sum itself happens
+    # in the inner optimizer's shards.
+    return super().apply_gradients(
+        list(zip(gradients, [v for _, v in grads_and_vars])), name=name,
+        experimental_aggregate_gradients=False)
+
+  def _apply_gradients(self, grads, wrapped_vars, name):
+    return self._optimizer.apply_gradients(
+        list(zip(grads, wrapped_vars.value)), name=name,
+        experimental_aggregate_gradients=True)

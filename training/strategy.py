@@ -13,7 +13,7 @@ On TPU one Python process drives the whole slice (TF's `TPUStrategy` is single-c
 on a single TPU VM it runs there with `tpu="local"`; on a multi-host slice it runs on
 worker 0 and reaches every host by the TPU's name (`tools/submit_tpu.py`, docs/TPU.md).
 The strategy is built with an explicit `DeviceAssignment`, so which chip each replica
-runs on is known here, and `replica_topology` turns it into the replica grid.
+runs on is known here, and `replica_grid` turns it into the replica grid.
 """
 
 import json
@@ -150,7 +150,7 @@ def tpu_device_assignment(strategy: tf.distribute.TPUStrategy):
   return getattr(strategy.extended, "_device_assignment", None)
 
 
-def replica_topology(strategy: tf.distribute.Strategy, shape=None) -> TorusTopology:
+def replica_grid(strategy: tf.distribute.Strategy, shape=None) -> TorusTopology:
   """The replica grid for `strategy`, `shape` (x, y) or None for the default.
 
   Under TPUStrategy the grid follows the chips: each replica's physical

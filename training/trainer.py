@@ -7,76 +7,41 @@ positions the input stream where the interrupted run left it, and carries on, so
 loses at most the steps since the last checkpoint.
 """
 
-import dataclasses
 import functools
 import os
-from typing import Callable, Optional, Union
 
 import tensorflow as tf
 import tf_keras
 from absl import logging
 
 from training import checkpoints as checkpoints_lib
+from training import evaluation
 from training import model as model_lib
 from training import optimizer as optimizer_lib
 from training import progress
+from training import sharded_optimizer
 from training import strategy as strategy_lib
+from training.specs import Cadence, DataSource, Recipe
 
 # Re-exported: callers catch it from the trainer that raises it.
 TrainingDiverged = model_lib.TrainingDiverged
 
-# Builds one input pipeline's dataset: (input_context, start_step) -> dataset of
-# per-replica batches. start_step > 0 asks for the stream an uninterrupted run would be
-# reading at that step.
-TrainDatasetFn = Callable[[tf.distribute.InputContext, int], tf.data.Dataset]
-# Builds one input pipeline's evaluation dataset: exactly eval_steps(input_context) *
-# (replicas per pipeline) per-replica batches of (images, labels) or, padded to full
-# batches, (images, labels, weights) with weight 0 for padding.
-EvalDatasetFn = Callable[[tf.distribute.InputContext], tf.data.Dataset]
-# The number of evaluation steps, the same whichever pipeline's context it is given.
-EvalStepsFn = Callable[[tf.distribute.InputContext], int]
 
-
-@dataclasses.dataclass(frozen=True)
-class DataSource:
-  """What the trainer needs to know about the data, and nothing about files."""
-  make_train_dataset: TrainDatasetFn
-  make_eval_dataset: EvalDatasetFn
-  num_train_examples: int
-  num_eval_examples: int
-  eval_steps: EvalStepsFn
-  input_options: Optional[tf.distribute.InputOptions] = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Recipe:
-  """What is trained and how: the optimizer, its schedule and the numerics.
-
-  `learning_rate` is a float or a schedule of the step. `ema_decay` > 0 keeps a moving
-  average of the weights for the final evaluation (evaluations during training use the
-  live weights). `precision` is "float32", "mixed_bfloat16" or "mixed_float16".
-  """
-  num_classes: int
-  learning_rate: Union[float, Callable]
-  optimizer_name: str = "sgd"
-  momentum: float = 0.9
-  weight_decay: float = 0.0
-  label_smoothing: float = 0.0
-  ema_decay: float = 0.0
-  precision: str = "float32"
-  jit_compile: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
-class Cadence:
-  """The run's length and rhythm, in steps; batches are global (over all replicas)."""
-  total_steps: int
-  global_batch_size: int
-  eval_batch_size: int
-  steps_per_execution: int = 1
-  log_every_steps: int = 10
-  checkpoint_every_steps: int = 100
-  eval_every_steps: Optional[int] = None
+def build_optimizer(recipe: Recipe, gradient_aggregator=None, weight_update_sharding=None):
+  """The recipe's optimizer, summing with the aggregator or updating by shards."""
+  if weight_update_sharding is not None:
+    optimizer = sharded_optimizer.build_sharded_optimizer(
+        recipe.optimizer_name, recipe.learning_rate, weight_update_sharding,
+        momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    if recipe.precision == "mixed_float16":
+      optimizer = sharded_optimizer.ShardedLossScaleOptimizer(optimizer)
+    return optimizer
+  optimizer = optimizer_lib.build_optimizer(
+      recipe.optimizer_name, recipe.learning_rate, momentum=recipe.momentum,
+      weight_decay=recipe.weight_decay, gradient_aggregator=gradient_aggregator)
+  if recipe.precision == "mixed_float16":
+    optimizer = tf_keras.mixed_precision.LossScaleOptimizer(optimizer)
+  return optimizer
 
 
 class Trainer:
@@ -91,6 +56,10 @@ class Trainer:
     cadence: run length, batch sizes and loop cadence.
     gradient_aggregator: sums gradients over replicas inside the optimizer; None keeps
       the strategy's own all-reduce.
+    weight_update_sharding: a `sharded_optimizer.WeightUpdateSharding`: each replica
+      updates its shard of the weights (the gradients are summed by the torus inside
+      the sharded optimizer; `gradient_aggregator` is then unused). None: every replica
+      updates every weight.
     checkpoint_settings: {flag: value} of the settings that shape the checkpoint
       (depth, width, classes, optimizer, ...); a model dir whose checkpoints were
       written with other values is refused, naming the flag.
@@ -98,15 +67,13 @@ class Trainer:
 
   def __init__(self, *, strategy, model_dir, build_backbone, data: DataSource,
                recipe: Recipe, cadence: Cadence, gradient_aggregator=None,
-               checkpoint_settings=None):
+               weight_update_sharding=None, checkpoint_settings=None):
     self.strategy = strategy
     self.model_dir = model_dir
     self.data = data
     self.recipe = recipe
     self.cadence = cadence
-    self.total_steps = cadence.total_steps
     self.is_chief = strategy_lib.is_chief(strategy)
-    self.checkpoint_settings = dict(checkpoint_settings or {})
 
     tf_keras.mixed_precision.set_global_policy(recipe.precision)
     with strategy.scope():
@@ -117,28 +84,27 @@ class Trainer:
           backbone, global_batch_size=cadence.global_batch_size,
           num_classes=recipe.num_classes, label_smoothing=recipe.label_smoothing,
           l2_weight_decay=l2, ema_decay=recipe.ema_decay)
-      optimizer = optimizer_lib.build_optimizer(
-          recipe.optimizer_name, recipe.learning_rate, momentum=recipe.momentum,
-          weight_decay=recipe.weight_decay, gradient_aggregator=gradient_aggregator)
-      if recipe.precision == "mixed_float16":
-        optimizer = tf_keras.mixed_precision.LossScaleOptimizer(optimizer)
-      self.model.compile(optimizer=optimizer,
+      self.optimizer = build_optimizer(recipe, gradient_aggregator,
+                                       weight_update_sharding)
+      self.model.compile(optimizer=self.optimizer,
                          steps_per_execution=cadence.steps_per_execution,
                          jit_compile=recipe.jit_compile)
-      self.optimizer = optimizer
       # Slots and the step counter exist before any restore, so that a restore fills
       # every variable at once and a checkpoint that does not fit fails there, not
       # at the first step. (`_create_all_weights` is what `apply_gradients` itself
       # calls; legacy optimizers have no public equivalent.)
       self.optimizer._create_all_weights(self.model.trainable_variables)  # pylint: disable=protected-access
-      self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=optimizer)
-    self.checkpoint_dir = os.path.join(model_dir, "checkpoints")
-    # Every worker saves (saving may need collectives); only the chief's copy is kept
-    # in checkpoints/, the others' in a folder of their own under the model dir.
-    own_dir = self.checkpoint_dir if self.is_chief else os.path.join(
-        strategy_lib.worker_scratch_dir(strategy, model_dir), "checkpoints")
-    self.checkpoint_manager = tf.train.CheckpointManager(
-        self.checkpoint, own_dir, max_to_keep=3)
+      checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer)
+    self.checkpoints = checkpoints_lib.RunCheckpoints(strategy, model_dir, checkpoint,
+                                                      checkpoint_settings)
+    # The sharded update keeps its slots in shards, and full-size only in checkpoints.
+    inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+    self._sharded_update = (inner if isinstance(inner, sharded_optimizer.ShardedUpdate)
+                            else None)
+
+  @property
+  def total_steps(self) -> int:
+    return self.cadence.total_steps
 
   @property
   def step(self) -> int:
@@ -147,12 +113,10 @@ class Trainer:
   def restore(self) -> int:
     """Restores the newest readable checkpoint in the model dir, if any; returns the
     step. Raises CheckpointMismatch when the model dir belongs to another model."""
-    checkpoints_lib.check_checkpoint_config(self.checkpoint_dir, self.model_dir,
-                                            self.checkpoint_settings)
-    with self.strategy.scope():
-      path = checkpoints_lib.restore_latest_readable(
-          self.checkpoint, self.checkpoint_dir, self.model_dir)
+    path = self.checkpoints.restore()
     if path:
+      if self._sharded_update:
+        self._sharded_update.shard_slots_after_restore()
       logging.info("Resumed from %s at step %d.", path, self.step)
     return self.step
 
@@ -161,7 +125,7 @@ class Trainer:
     step = self.model.divergence.step()
     if step < 0:
       return
-    hint = (f"lower --base_learning_rate or lengthen --warmup_epochs")
+    hint = "lower --base_learning_rate or lengthen --warmup_epochs"
     if self.recipe.precision == "mixed_float16":
       hint += (", or use --precision=mixed_bfloat16 or float32 (float16 overflowed "
                "despite loss scaling)")
@@ -170,19 +134,17 @@ class Trainer:
   def save_checkpoint(self, step):
     """Saves the state at `step` unless anything diverged (then raises instead)."""
     self.check_finite()
-    if not checkpoints_lib.all_finite(self.checkpoint_variables()):
-      raise model_lib.TrainingDiverged(step, "a weight is NaN or infinite although the loss was "
-                             "finite; lower --base_learning_rate")
-    if self.is_chief:
-      checkpoints_lib.write_checkpoint_config(self.checkpoint_dir,
-                                              self.checkpoint_settings)
-    self.checkpoint_manager.save(checkpoint_number=step)
-
-  def checkpoint_variables(self):
-    """The weights and optimizer slots. Batch-norm statistics are left out: reading
-    them takes a collective per variable, and they go non-finite only through the
-    activations, which the loss watch already catches."""
-    return self.model.trainable_variables + self.optimizer.variables()
+    if self._sharded_update:
+      self._sharded_update.gather_slots_for_checkpoint()
+    # Batch-norm statistics are left out: reading them takes a collective per
+    # variable, and they go non-finite only through the activations, which the loss
+    # watch already catches.
+    if not checkpoints_lib.all_finite(self.model.trainable_variables
+                                      + self.optimizer.variables()):
+      raise model_lib.TrainingDiverged(
+          step, "a weight is NaN or infinite although the loss was finite; lower "
+          "--base_learning_rate")
+    self.checkpoints.save(step)
 
   def _train_input(self, start_step):
     def dataset_fn(input_context):
@@ -199,29 +161,6 @@ class Trainer:
     """Steps that cover the whole evaluation set (padded; see README "Evaluation")."""
     return self.data.eval_steps(
         strategy_lib.input_context(self.strategy, self.data.input_options))
-
-  def _loop_segments(self, start_step):
-    """Splits start_step..total_steps into `fit` calls of equal loops.
-
-    Keras needs one loop length per `fit` call. Loops end on multiples of
-    `log_every_steps` (so logs, checkpoints and evaluations land on round steps): a run
-    resumed off that grid first runs a short loop up to it, and a total that is not a
-    multiple of it ends with a short loop.
-
-    Returns:
-      [(steps per loop, number of loops), ...].
-    """
-    segments, step, loop = [], start_step, self.cadence.log_every_steps
-    head = min(-step % loop, self.total_steps - step)
-    if head:
-      segments.append((head, 1))
-      step += head
-    if (self.total_steps - step) // loop:
-      segments.append((loop, (self.total_steps - step) // loop))
-      step += segments[-1][1] * loop
-    if self.total_steps > step:
-      segments.append((self.total_steps - step, 1))
-    return segments
 
   def train(self, with_eval=False):
     """Trains to `total_steps` from wherever the model dir says.
@@ -242,12 +181,12 @@ class Trainer:
     if start_step >= self.total_steps:
       logging.info("Already trained to step %d; nothing to do.", start_step)
       return []
-    summary_dir = os.path.join(self.model_dir, "summaries", "train")
-    writer = (tf.summary.create_file_writer(summary_dir) if self.is_chief
+    writer = (tf.summary.create_file_writer(
+        os.path.join(self.model_dir, "summaries", "train")) if self.is_chief
               else tf.summary.create_noop_writer())
     single_worker = strategy_lib.is_single_client(self.strategy)
     preemption = checkpoints_lib.PreemptionWatch(
-        self.strategy, self.checkpoint_manager.directory, self.save_checkpoint,
+        self.strategy, self.checkpoints.manager.directory, self.save_checkpoint,
         lambda: self.step, single_client=single_worker)
     loop_callback = progress.LoopCallback(
         self.cadence, self.recipe.learning_rate, summary_writer=writer,
@@ -257,20 +196,16 @@ class Trainer:
                  start_step, self.total_steps, self.cadence.global_batch_size,
                  self.strategy.num_replicas_in_sync)
     try:
-      for steps_per_loop, num_loops in self._loop_segments(start_step):
-        fit_kwargs = {}
+      for segment in self.cadence.loop_segments(start_step):
         first_step = self.step
-        # Evaluate on multiples of eval_every_steps, but not at the last step: the
-        # final evaluation follows training.
-        every = self.cadence.eval_every_steps
-        loop_ends = [first_step + i * steps_per_loop for i in range(1, num_loops + 1)]
-        eval_loops = [i + 1 for i, end in enumerate(loop_ends)
-                      if with_eval and every and end < self.total_steps and end % every == 0]
+        eval_loops = (self.cadence.loops_ending_in_evaluation(first_step, segment)
+                      if with_eval else [])
+        fit_kwargs = {}
         if eval_loops:
           fit_kwargs = dict(validation_data=self._eval_input(),
                             validation_steps=self.eval_steps, validation_freq=eval_loops)
-        self.model.fit(self._train_input(first_step), epochs=num_loops,
-                       steps_per_epoch=steps_per_loop, callbacks=[loop_callback],
+        self.model.fit(self._train_input(first_step), epochs=segment[1],
+                       steps_per_epoch=segment[0], callbacks=[loop_callback],
                        verbose=0, **fit_kwargs)
     except KeyboardInterrupt:
       # Alone, this process may save by itself; a worker of several must not (the
@@ -286,34 +221,11 @@ class Trainer:
 
   def evaluate(self):
     """Top-1/top-5 and loss on the evaluation set, with the weight average if kept."""
-    model_lib.average_replica_statistics(self.model)
-    average = self.model.weight_average
-    if average is not None:
-      average.swap()
-    try:
-      results = self.model.evaluate(self._eval_input(), steps=self.eval_steps,
-                                    verbose=0, return_dict=True)
-    finally:
-      if average is not None:
-        average.swap()
-    results = {k: float(v) for k, v in results.items()}
-    logging.info("eval at step %d%s: top1 %.4f  top5 %.4f  loss %.4f  (%d images)",
-                 self.step, " (weight average)" if average is not None else "",
-                 results["top1"], results["top5"], results["loss"], results["images"])
-    if int(results["images"]) != self.data.num_eval_examples:
-      logging.warning(
-          "Evaluated %d images, but the evaluation set has %d: undecodable images "
-          "(logged above as skipped) are left out; otherwise dataset_info.json next to "
-          "the shards is out of date (rewrite it with input_pipeline.write_tfrecords).",
-          int(results["images"]), self.data.num_eval_examples)
-    if self.is_chief:
-      writer = tf.summary.create_file_writer(
-          os.path.join(self.model_dir, "summaries", "eval"))
-      with writer.as_default(step=self.step):
-        for name, value in results.items():
-          tf.summary.scalar(f"eval/{name}", value)
-      writer.close()
-    return results
+    return evaluation.evaluate(
+        self.model, self._eval_input(), self.eval_steps,
+        num_eval_examples=self.data.num_eval_examples, step=self.step,
+        summary_dir=(os.path.join(self.model_dir, "summaries", "eval")
+                     if self.is_chief else None))
 
   def write_summary(self, final_results, loops=(), config_dict=None):
     """<model_dir>/summary.json, from the chief (see progress.write_run_summary)."""

@@ -24,6 +24,11 @@ def _scalar_tags(event_dir):
   return tags
 
 
+def _native_thread_count():
+  """This process's threads as the kernel counts them (TensorFlow's included)."""
+  return len(os.listdir("/proc/self/task"))
+
+
 class TrainAndEvaluateTest(tf.test.TestCase):
 
   def test_digits_run_writes_checkpoints_summaries_and_results(self):
@@ -32,7 +37,12 @@ class TrainAndEvaluateTest(tf.test.TestCase):
         "cpu_demo", model_dir=model_dir, resnet_depth=10, resnet_width=8,
         image_size=16, train_steps=12, log_every_steps=4, checkpoint_every_steps=4,
         train_batch_size=32, eval_batch_size=32, bn_group_size=4, eval_every_steps=8)
+    threads_before = _native_thread_count()
     results = run_lib.train_and_evaluate(config)
+    # A run's threads do not grow with its steps: a timed collective op would park a
+    # sleeping thread per execution (hundreds per step here, ~16,000 in 20 steps of
+    # the default run) and a long run would abort when none are left.
+    self.assertLess(_native_thread_count() - threads_before, 200)
 
     # Evaluated on all 359 validation digits (12 steps of 32, the last one padded).
     self.assertEqual(results["images"], 359)

@@ -97,14 +97,16 @@ class PlanTest(tf.test.TestCase, parameterized.TestCase):
                              "--bn_group_size=4", "--allreduce=torus"))
     plan = submit_tpu.build_plan(job, ARCHIVE)
     commands = _commands(plan)
-    self.assertEqual(commands[:3], [
+    self.assertEqual(commands[:4], [
         f"{GCLOUD} describe r50 {WHERE} '--format=value(state)'",
         f"{GCLOUD} delete r50 {WHERE} --quiet",
+        f"{GCLOUD} versions describe tpu-vm-tf-2.16.1-pod-pjrt {WHERE}",
         f"{GCLOUD} create r50 {WHERE} --accelerator-type=v3-32 "
         "--version=tpu-vm-tf-2.16.1-pod-pjrt --spot",
     ])
-    self.assertEqual([s.when for s in plan[:3]],
-                     ["always", submit_tpu.IF_PREEMPTED, submit_tpu.IF_ABSENT])
+    self.assertEqual([s.when for s in plan[:4]],
+                     ["always", submit_tpu.IF_PREEMPTED, submit_tpu.IF_ABSENT,
+                      submit_tpu.IF_ABSENT])
     self.assertEqual(commands[-1], f"{GCLOUD} delete r50 {WHERE} --quiet")
     self.assertEqual(plan[-1].when, submit_tpu.FINALLY)
     # Exactly one client process for the 4 hosts: on worker 0, by the TPU's name.
@@ -307,7 +309,7 @@ class RunPlanTest(tf.test.TestCase):
   def test_missing_slice_is_created(self):
     calls, error = self._run(self._plan(self.tmp), state="")
     self.assertIsNone(error)
-    self.assertEqual(calls, ["create", "scp", "ssh", "ssh", "delete"])
+    self.assertEqual(calls, ["versions", "create", "scp", "ssh", "ssh", "delete"])
     with tarfile.open(os.path.join(self.tmp, "out.tar.gz")) as tar:
       self.assertCountEqual(tar.getnames(), ["main.py", ".gitignore"])
 
@@ -317,7 +319,8 @@ class RunPlanTest(tf.test.TestCase):
 
   def test_preempted_slice_is_recreated(self):
     calls, _ = self._run(self._plan(self.tmp), state="PREEMPTED")
-    self.assertEqual(calls, ["delete", "create", "scp", "ssh", "ssh", "delete"])
+    self.assertEqual(calls, ["delete", "versions", "create", "scp", "ssh", "ssh",
+                             "delete"])
 
   def _queued_plan(self, tmp):
     job = _job(create=True, queued=True, spot=True, runtime_version="v", repo_dir=tmp)
@@ -326,7 +329,7 @@ class RunPlanTest(tf.test.TestCase):
   def test_queued_request_is_made_once_then_waited_for(self):
     calls, error = self._run(self._queued_plan(self.tmp), state="")
     self.assertIsNone(error)
-    self.assertEqual(calls, ["queued-create", "wait", "scp", "ssh", "ssh"])
+    self.assertEqual(calls, ["versions", "queued-create", "wait", "scp", "ssh", "ssh"])
 
   def test_resubmitting_while_the_request_waits_does_not_request_again(self):
     for pending in ("ACCEPTED", "WAITING_FOR_RESOURCES", "PROVISIONING"):
@@ -341,8 +344,13 @@ class RunPlanTest(tf.test.TestCase):
   def test_failed_or_suspended_request_is_deleted_and_made_again(self):
     for dead in ("FAILED", "SUSPENDED"):
       calls, _ = self._run(self._queued_plan(self.tmp), state=dead)
-      self.assertEqual(calls, ["queued-delete", "queued-create", "wait", "scp", "ssh",
-                               "ssh"], dead)
+      self.assertEqual(calls, ["queued-delete", "versions", "queued-create", "wait",
+                               "scp", "ssh", "ssh"], dead)
+
+  def test_a_missing_software_version_stops_before_anything_is_created(self):
+    calls, error = self._run(self._plan(self.tmp), state="", fail_on="versions")
+    self.assertEqual(calls, ["versions", "delete"])
+    self.assertIn("pass --runtime_version", error)
 
   def test_stops_at_first_failure_but_still_deletes(self):
     calls, error = self._run(self._plan(self.tmp), state="READY", fail_on="scp")

@@ -377,6 +377,19 @@ def _wait_until_active(job: TpuJob) -> Tuple[str, ...]:
   return ("bash", "-c", script)
 
 
+def _check_version_step(job: TpuJob, version: str) -> Step:
+  """Asks Cloud TPU whether the software version exists before anything is created.
+
+  The default version is derived from the pinned TensorFlow by Cloud TPU's naming
+  rule, and a release may not have every variant; this fails first, naming the flag.
+  """
+  return Step(
+      f"check that TPU software version {version} exists (if not, pass "
+      "--runtime_version)",
+      ("gcloud", "compute", "tpus", "tpu-vm", "versions", "describe", version,
+       f"--zone={job.zone}", f"--project={job.project}"), when=IF_ABSENT)
+
+
 def build_plan(job: TpuJob, archive: str) -> List[Step]:
   """The steps that run `job`, `archive` being the local tarball path to write."""
   spec = validate(job)
@@ -394,6 +407,7 @@ def build_plan(job: TpuJob, archive: str) -> List[Step]:
       # Deleting the queued resource (with --force) deletes its node too.
       plan.append(Step("delete the preempted slice", _queued(
           "delete", job, "--force", "--quiet"), when=IF_PREEMPTED))
+      plan.append(_check_version_step(job, version))
       create = _queued("create", job, f"--node-id={job.tpu_name}",
                        f"--accelerator-type={job.accelerator_type}",
                        f"--runtime-version={version}")
@@ -408,6 +422,7 @@ def build_plan(job: TpuJob, archive: str) -> List[Step]:
           "describe", job, "--format=value(state)"), kind="probe"))
       plan.append(Step("delete the preempted slice", _gcloud(
           "delete", job, "--quiet"), when=IF_PREEMPTED))
+      plan.append(_check_version_step(job, version))
       create = _gcloud("create", job, f"--accelerator-type={job.accelerator_type}",
                        f"--version={version}")
       if job.spot:

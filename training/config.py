@@ -130,8 +130,8 @@ class DistributionConfig:
                                      "Cap on each packed gradient buffer, in MiB.")
   # Ten minutes covers a peer that is still tracing its first step.
   collective_timeout_seconds: float = setting(
-      600.0, "Bound on every collective's wait (the torus aggregator's, grouped batch "
-      "norm's, the strategy's own), so a lost worker ends the run (0 = wait forever).")
+      600.0, "Multi-worker runs: a worker that is silent (no heartbeat) this long ends "
+      "the run on every other worker instead of hanging it (0 = TensorFlow's default).")
   jit_compile: bool = setting(False, "XLA-compile the train step (GPUs; TPUs always "
                               "compile).")
   # Off by default until it is faster here than the unsharded update (docs/RESULTS.md).

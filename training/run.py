@@ -25,11 +25,16 @@ def log_config(config, num_replicas, grid):
     logging.info("  %-26s %s", name, value)
 
 
-def build_norm_layer(model, grid, strategy, timeout_seconds):
+# The collectives of a step carry no per-op timeout: TensorFlow keeps a sleeping thread
+# for each timed op for the whole timeout (see training/strategy.py); a lost worker
+# is caught by the coordination service's heartbeats instead.
+
+
+def build_norm_layer(model, grid, strategy):
   """The grouped batch-norm factory the backbone is built with."""
   return group_batch_norm.make_batch_norm_factory(
       model.bn_group_size, grid=grid, momentum=model.bn_momentum,
-      backend=allreduce.backend_for_strategy(strategy, timeout_seconds=timeout_seconds))
+      backend=allreduce.backend_for_strategy(strategy))
 
 
 def build_aggregator(distribution, grid, strategy):
@@ -37,8 +42,7 @@ def build_aggregator(distribution, grid, strategy):
   if distribution.allreduce != "torus":
     return None
   return allreduce.make_torus_aggregator(
-      grid, backend=strategy, pack_size_bytes=int(distribution.allreduce_pack_mb * 2**20),
-      timeout_seconds=distribution.collective_timeout_seconds)
+      grid, backend=strategy, pack_size_bytes=int(distribution.allreduce_pack_mb * 2**20))
 
 
 def build_weight_update_sharding(distribution, grid):
@@ -47,8 +51,7 @@ def build_weight_update_sharding(distribution, grid):
     return None
   return sharded_optimizer.WeightUpdateSharding(
       grid, shards=distribution.shard_weight_update,
-      pack_size_bytes=int(distribution.allreduce_pack_mb * 2**20),
-      timeout_seconds=distribution.collective_timeout_seconds)
+      pack_size_bytes=int(distribution.allreduce_pack_mb * 2**20))
 
 
 def build_recipe(config, data) -> specs.Recipe:
@@ -98,8 +101,7 @@ def build_trainer(config, strategy, data=None) -> trainer_lib.Trainer:
       config.data, config.loop, strategy_lib.worker_scratch_dir(strategy, model_dir),
       input_dtype=input_dtype(config.model.precision))
 
-  norm_layer = build_norm_layer(config.model, grid, strategy,
-                                config.distribution.collective_timeout_seconds)
+  norm_layer = build_norm_layer(config.model, grid, strategy)
 
   def build_backbone():
     return resnet_model.build_resnet_for_depth(

@@ -22,6 +22,9 @@ from typing import Optional
 
 import tensorflow as tf
 from absl import logging
+from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+from tensorflow.python.distribute import multi_worker_util
+from tensorflow.python.eager import context as context_lib
 
 from allreduce.topology import TorusTopology
 
@@ -71,22 +74,49 @@ def _tpu_strategy(tpu: str) -> tf.distribute.TPUStrategy:
                                    experimental_device_assignment=assignment)
 
 
+def _bound_peer_silence(heartbeat_timeout_seconds: float):
+  """Sets how long a silent worker may stall a multi-worker run.
+
+  The bound is the coordination service's heartbeat timeout: when a worker misses its
+  heartbeats for that long, the service aborts every worker's pending collectives and
+  the step fails. MultiWorkerMirroredStrategy configures the same service (jobs "chief"
+  and "worker", the leader chosen by `multi_worker_util.coordination_leader`) unless it
+  is configured already, and exposes no heartbeat setting, so it is configured here
+  first. Not per-op collective timeouts: TensorFlow's posix `Env::SchedClosureAfter`
+  parks one sleeping thread per timed op for the whole timeout, which for the
+  thousands of collectives of each training step runs out of threads within minutes.
+  """
+  context = context_lib.context()
+  if context.coordination_service is not None or not heartbeat_timeout_seconds:
+    return
+  cluster_spec = tf.distribute.cluster_resolver.TFConfigClusterResolver().cluster_spec()
+  jobs = [coordination_config_pb2.CoordinatedJob(name=job,
+                                                 num_tasks=cluster_spec.num_tasks(job))
+          for job in ("chief", "worker") if job in cluster_spec.jobs]
+  context.configure_coordination_service(
+      service_type="standalone",
+      service_leader=multi_worker_util.coordination_leader(cluster_spec),
+      coordinated_jobs=jobs,
+      heartbeat_timeout_in_ms=int(heartbeat_timeout_seconds * 1000))
+
+
 def create_strategy(*, tpu=None, num_cpu_devices: int = 8,
                     collective_timeout_seconds: float = 0.0) -> tf.distribute.Strategy:
   """The strategy for this machine; see the module docstring for the order.
 
-  `collective_timeout_seconds` bounds each wait of a multi-worker strategy's own
-  collectives (0: wait forever), so a lost worker fails the step instead of hanging it.
+  `collective_timeout_seconds`: in a multi-worker run, a worker silent for this long
+  (killed, its host gone) fails every other worker's step instead of hanging it (0:
+  TensorFlow's default heartbeat timeout). One process has no peer to lose.
   """
   if tpu:
     return _tpu_strategy(tpu)
 
   gpus = tf.config.list_physical_devices("GPU")
   if multi_worker_task_count() > 1:
+    _bound_peer_silence(collective_timeout_seconds)
     # No CPU split here: a CPU worker is one replica (see the module docstring).
     # Ring collectives over gRPC between workers; NCCL inside each GPU worker.
     options = tf.distribute.experimental.CommunicationOptions(
-        timeout_seconds=collective_timeout_seconds or None,
         implementation=tf.distribute.experimental.CommunicationImplementation.NCCL
         if gpus else tf.distribute.experimental.CommunicationImplementation.RING)
     return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)

@@ -58,6 +58,25 @@ class Pack:
   def length(self) -> int:
     return sum(self.slots) + self.padding
 
+  def to_buffer(self, members) -> tf.Tensor:
+    """The flat buffer holding `members` (the tensors of `indices`, in order)."""
+    parts = []
+    for tensor, size, slot in zip(members, self.sizes, self.slots):
+      parts.append(tf.reshape(tf.cast(tensor, self.dtype), [-1]))
+      if slot > size:
+        parts.append(tf.zeros([slot - size], self.dtype))
+    if self.padding:
+      parts.append(tf.zeros([self.padding], self.dtype))
+    return parts[0] if len(parts) == 1 else tf.concat(parts, axis=0)
+
+  def from_buffer(self, buffer: tf.Tensor) -> List[tf.Tensor]:
+    """The members read back out of a flat `buffer`, flat, in the buffer's dtype."""
+    slots = list(self.slots)
+    slots[-1] += self.padding
+    pieces = tf.split(buffer, slots) if len(slots) > 1 else [buffer]
+    return [piece if slot == size else piece[:size]
+            for piece, slot, size in zip(pieces, slots, self.sizes)]
+
 
 def communication_dtype(dtype: tf.DType) -> tf.DType:
   """The dtype a gradient of `dtype` is summed in."""
@@ -181,7 +200,7 @@ class TorusGradientAggregator:
     # Phases run breadth-first over the packs: every replica orders its collectives
     # in issue order, so pack k+1's reduce-scatter is on the wire while pack k's
     # received chunks are being summed.
-    buffers = [self._pack(pack, dense) for pack in packs]
+    buffers = [pack.to_buffer([dense[i] for i in pack.indices]) for pack in packs]
     shards = [backend.reduce_scatter_sum(b, rows) for b in buffers]
     shards = [backend.all_reduce_sum(s, columns) for s in shards]
     if self.average:
@@ -189,30 +208,11 @@ class TorusGradientAggregator:
       shards = [s / tf.cast(self.grid.num_replicas, s.dtype) for s in shards]
     buffers = [backend.all_gather(s, rows) for s in shards]
     for pack, buffer in zip(packs, buffers):
-      for index, piece in zip(pack.indices, self._unpack(pack, buffer)):
+      for index, piece in zip(pack.indices, pack.from_buffer(buffer)):
         original = dense[index]
         results[present[index]] = tf.cast(
             tf.reshape(piece, original.shape), original.dtype)
     return results
-
-  @staticmethod
-  def _pack(pack: Pack, tensors) -> tf.Tensor:
-    parts = []
-    for index, size, slot in zip(pack.indices, pack.sizes, pack.slots):
-      parts.append(tf.reshape(tf.cast(tensors[index], pack.dtype), [-1]))
-      if slot > size:
-        parts.append(tf.zeros([slot - size], pack.dtype))
-    if pack.padding:
-      parts.append(tf.zeros([pack.padding], pack.dtype))
-    return parts[0] if len(parts) == 1 else tf.concat(parts, axis=0)
-
-  @staticmethod
-  def _unpack(pack: Pack, buffer: tf.Tensor) -> List[tf.Tensor]:
-    slots = list(pack.slots)
-    slots[-1] += pack.padding
-    pieces = tf.split(buffer, slots) if len(slots) > 1 else [buffer]
-    return [piece if slot == size else piece[:size]
-            for piece, slot, size in zip(pieces, slots, pack.sizes)]
 
 
 def make_torus_aggregator(grid, *, backend=None,

@@ -274,8 +274,8 @@ class DivergenceTest(tf.test.TestCase):
          "--warmup_epochs=0"] + TINY + ONE_PROCESS, f"{model_dir}.resumed.log")
     self.assertEqual(code, 3, process.output()[-3000:])
     line = process.last_line()
-    match = re.match(r"main\.py: error: the loss is not finite at step (\d+); lower "
-                     r"--base_learning_rate", line)
+    match = re.match(r"main\.py: error: the loss or its gradients are not finite at "
+                     r"step (\d+); lower --base_learning_rate", line)
     self.assertIsNotNone(match, line)
     self.assertBetween(int(match.group(1)), 9, STEPS - 1)
     self.assertEqual(checkpoint_steps(model_dir), [8])

@@ -150,7 +150,7 @@ class ShardLayoutTest(tf.test.TestCase, parameterized.TestCase):
     pack = packs[0]
     tensors = [tf.range(1, n + 1, dtype=tf.float32) * (i + 1)
                for i, n in enumerate(sizes)]
-    buffer = sharded_optimizer.pack_buffer(pack, tensors).numpy()
+    buffer = pack.to_buffer(tensors).numpy()
     length = pack.length // 4
     expected_ids = np.searchsorted(np.cumsum(pack.slots), np.arange(pack.length),
                                    side="right")
@@ -162,9 +162,7 @@ class ShardLayoutTest(tf.test.TestCase, parameterized.TestCase):
       self.assertAllEqual(dynamic.cut(tensors), buffer[window])
       self.assertAllEqual(static.member_ids, expected_ids[window])
       self.assertAllEqual(dynamic.member_ids, expected_ids[window])
-    unpacked = sharded_optimizer.unpack_buffer(pack, tf.constant(buffer),
-                                               [t.shape for t in tensors])
-    for got, want in zip(unpacked, tensors):
+    for got, want in zip(pack.from_buffer(tf.constant(buffer)), tensors):
       self.assertAllEqual(got, want)
 
   @parameterized.parameters(((2, 4), "x"), ((2, 4), "xy"), ((4, 2), "xy"))

@@ -11,7 +11,6 @@ Evaluation is padded (see input_pipeline.padded_eval_steps): every host's pipeli
 import dataclasses
 import functools
 import os
-import types
 
 import tensorflow as tf
 
@@ -26,6 +25,15 @@ IMAGENET_TRAIN_EXAMPLES = 1_281_167
 IMAGENET_EVAL_EXAMPLES = 50_000
 SYNTHETIC_EXAMPLES_PER_EPOCH = IMAGENET_TRAIN_EXAMPLES
 SYNTHETIC_EVAL_BATCHES = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSettings:
+  """What the sources read: the config's data and loop sections, and the images'
+  dtype on the host (chosen by the model's precision)."""
+  data: config_lib.DataConfig
+  loop: config_lib.LoopConfig
+  input_dtype: tf.DType = tf.float32
 
 
 def _per_host_examples(input_context, global_batch_size, start_step):
@@ -100,7 +108,7 @@ def _stream_source(config, make_stream, *, num_train, num_eval, eval_host_counts
   """The DataSource of a record stream: what every real-data source has in common.
 
   Args:
-    config: the merged data and loop settings (see `data_source_for`).
+    config: a `SourceSettings`.
     make_stream: `make_stream(stream_options, input_context)` -> the host's
       (seed, example dict) stream: the training split when
       `stream_options.is_training`, else the evaluation split.
@@ -112,30 +120,30 @@ def _stream_source(config, make_stream, *, num_train, num_eval, eval_host_counts
       whose class count is not written down anywhere).
   """
   preprocess = input_pipeline.PreprocessConfig(
-      image_size=config.image_size, area_range=area_range, dtype=config.input_dtype)
+      image_size=config.data.image_size, area_range=area_range, dtype=config.input_dtype)
 
   def batches(stream, batch, input_context):
     stream = stream.resolved()
     dataset = input_pipeline.batches_from_stream(make_stream(stream, input_context),
                                                  stream, preprocess, batch)
     if check_labels_in_stream:
-      return with_label_check(dataset, config.num_classes)
+      return with_label_check(dataset, config.data.num_classes)
     return dataset
 
   def make_train_dataset(input_context, start_step):
     stream = input_pipeline.StreamOptions(
-        is_training=True, shuffle_seed=config.seed,
-        skip_examples=_per_host_examples(input_context, config.train_batch_size,
+        is_training=True, shuffle_seed=config.loop.seed,
+        skip_examples=_per_host_examples(input_context, config.loop.train_batch_size,
                                          start_step))
     batch = input_pipeline.BatchOptions(
-        input_context.get_per_replica_batch_size(config.train_batch_size))
+        input_context.get_per_replica_batch_size(config.loop.train_batch_size))
     return batches(stream, batch, input_context)
 
-  eval_steps = _padded_eval_steps_fn(eval_host_counts, config.eval_batch_size)
+  eval_steps = _padded_eval_steps_fn(eval_host_counts, config.loop.eval_batch_size)
 
   def make_eval_dataset(input_context):
     batch = input_pipeline.BatchOptions(
-        input_context.get_per_replica_batch_size(config.eval_batch_size),
+        input_context.get_per_replica_batch_size(config.loop.eval_batch_size),
         pad_to_batches=_eval_batches_per_host(input_context, eval_steps(input_context)))
     return batches(input_pipeline.StreamOptions(is_training=False), batch,
                    input_context)
@@ -149,7 +157,7 @@ def _tfrecord_source(config, train_pattern, eval_pattern, num_train, num_eval,
                      area_range=input_pipeline.IMAGENET_AREA_RANGE):
   def make_stream(stream, input_context):
     # --cache_dataset: only the training split is read more than once.
-    read = input_pipeline.ReadOptions(cache=config.cache_dataset and stream.is_training)
+    read = input_pipeline.ReadOptions(cache=config.data.cache_dataset and stream.is_training)
     pattern = train_pattern if stream.is_training else eval_pattern
     return input_pipeline.tfrecord_stream(pattern, stream, read, input_context)
 
@@ -161,16 +169,16 @@ def _tfrecord_source(config, train_pattern, eval_pattern, num_train, num_eval,
 
 
 def _tfds_source(config):
-  name = config.dataset[len("tfds/"):]
-  info = tfds_source.load_tfds_builder(name, config.data_dir).info
+  name = config.data.dataset[len("tfds/"):]
+  info = tfds_source.load_tfds_builder(name, config.data.data_dir).info
   check_class_count(getattr(info.features["label"], "num_classes", None),
-                    config.num_classes, f"tfds/{name} under {config.data_dir}")
+                    config.data.num_classes, f"tfds/{name} under {config.data.data_dir}")
   splits = info.splits
   eval_split = "validation" if "validation" in splits else "test"
 
   def make_stream(stream, input_context):
     split = "train" if stream.is_training else eval_split
-    return input_pipeline.tfds_stream(name, config.data_dir, split, stream,
+    return input_pipeline.tfds_stream(name, config.data.data_dir, split, stream,
                                       input_context=input_context)
 
   # The class count is checked above, from the builder's metadata.
@@ -189,22 +197,22 @@ def _synthetic_source(config):
     del start_step  # Every synthetic batch is alike.
     return input_pipeline.create_synthetic_dataset(
         batch_size=input_context.get_per_replica_batch_size(batch),
-        image_size=config.image_size, num_classes=config.num_classes, dtype=dtype)
+        image_size=config.data.image_size, num_classes=config.data.num_classes, dtype=dtype)
 
   # Every synthetic batch is full and real: no padding, a fixed number of steps.
   return DataSource(
-      lambda ctx, step: make_dataset(ctx, step, batch=config.train_batch_size),
-      lambda ctx: make_dataset(ctx, batch=config.eval_batch_size),
+      lambda ctx, step: make_dataset(ctx, step, batch=config.loop.train_batch_size),
+      lambda ctx: make_dataset(ctx, batch=config.loop.eval_batch_size),
       num_train_examples=SYNTHETIC_EXAMPLES_PER_EPOCH,
-      num_eval_examples=SYNTHETIC_EVAL_BATCHES * config.eval_batch_size,
+      num_eval_examples=SYNTHETIC_EVAL_BATCHES * config.loop.eval_batch_size,
       eval_steps=lambda ctx: SYNTHETIC_EVAL_BATCHES,
       input_options=input_pipeline.device_input_options())
 
 
 def digits_source(config, records_dir) -> DataSource:
   """The embedded digits, written once as TFRecords into `records_dir` (ours)."""
-  spec = input_pipeline.prepare_digits_records(records_dir, image_size=config.image_size)
-  check_class_count(spec.num_classes, config.num_classes, "the embedded digits set")
+  spec = input_pipeline.prepare_digits_records(records_dir, image_size=config.data.image_size)
+  check_class_count(spec.num_classes, config.data.num_classes, "the embedded digits set")
   return _tfrecord_source(config, spec.train_file_pattern,
                           spec.validation_file_pattern, spec.num_train_examples,
                           spec.num_validation_examples, input_pipeline.DIGITS_AREA_RANGE)
@@ -220,21 +228,20 @@ def data_source_for(data, loop, scratch_dir=None,
   --data_dir is only read. `input_dtype` is the images' dtype (bfloat16 when the model
   computes in it: half the host-to-device bytes).
   """
-  # The sources below read settings of both sections.
-  config = types.SimpleNamespace(**dataclasses.asdict(data), **dataclasses.asdict(loop),
-                                 input_dtype=input_dtype)
-  if config.dataset == "digits":
-    return digits_source(config, os.path.join(scratch_dir or config.model_dir, "data"))
-  if config.dataset == "imagenet":
-    info = dataset_info_lib.read_dataset_info(config.data_dir)
+  config = SourceSettings(data, loop, input_dtype)
+  if config.data.dataset == "digits":
+    records_dir = os.path.join(scratch_dir or config.loop.model_dir, "data")
+    return digits_source(config, records_dir)
+  if config.data.dataset == "imagenet":
+    info = dataset_info_lib.read_dataset_info(config.data.data_dir)
     if info:
-      check_class_count(info.get("num_classes"), config.num_classes,
-                        dataset_info_lib.dataset_info_path(config.data_dir))
+      check_class_count(info.get("num_classes"), config.data.num_classes,
+                        dataset_info_lib.dataset_info_path(config.data.data_dir))
     num_train, num_eval = _split_counts(info, IMAGENET_TRAIN_EXAMPLES,
                                         IMAGENET_EVAL_EXAMPLES)
-    return _tfrecord_source(config, os.path.join(config.data_dir, "train-*"),
-                            os.path.join(config.data_dir, "validation-*"),
+    return _tfrecord_source(config, os.path.join(config.data.data_dir, "train-*"),
+                            os.path.join(config.data.data_dir, "validation-*"),
                             num_train, num_eval)
-  if config.dataset == "synthetic":
+  if config.data.dataset == "synthetic":
     return _synthetic_source(config)
   return _tfds_source(config)

@@ -3,8 +3,10 @@
 The train step computes each replica's gradients and hands them to the optimizer,
 whose `gradient_aggregator` sums them over replicas once (torus or the strategy's own).
 Beside it: a moving average of the weights for evaluation, and the watch that notices
-a non-finite loss without a host sync.
+a non-finite loss or gradient without a host sync.
 """
+
+import weakref
 
 import tensorflow as tf
 import tf_keras
@@ -50,7 +52,11 @@ class WeightAverage(tf.Module):
 
 
 class DivergenceWatch:
-  """The first step whose loss was NaN or infinite on any replica (-1: none yet).
+  """The first step whose loss or gradients were NaN or infinite on any replica
+  (-1: none yet).
+
+  The gradients are watched too because a NaN input can leave the loss finite: some
+  ReLU kernels (oneDNN's among them) map NaN to 0, while the gradients still carry it.
 
   Set on the device inside the train step, read on the host only where the loop
   already waits for the devices (the end of a loop), so watching costs no extra sync.
@@ -62,13 +68,15 @@ class DivergenceWatch:
         -1, dtype=tf.int64, trainable=False, name="first_nonfinite_step",
         aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
 
-  def note(self, loss, step):
-    """In replica context: latches `step` if `loss` is not finite on any replica."""
+  def note(self, loss, step, gradients=()):
+    """In replica context: latches `step` if `loss` or any of this replica's
+    `gradients` is not finite on any replica."""
+    finite = tf.reduce_all([tf.math.is_finite(loss)]
+                           + [tf.reduce_all(tf.math.is_finite(g)) for g in gradients])
     # One scalar sum makes the verdict the same on every replica (a NaN on one
     # replica reaches the others' weights only through the next step's sum).
     nonfinite = tf.distribute.get_replica_context().all_reduce(
-        tf.distribute.ReduceOp.SUM, tf.cast(tf.logical_not(tf.math.is_finite(loss)),
-                                            tf.int32))
+        tf.distribute.ReduceOp.SUM, tf.cast(tf.logical_not(finite), tf.int32))
     first = self.first_nonfinite_step
     first.assign(tf.where((first < 0) & (nonfinite > 0), tf.cast(step, tf.int64), first))
 
@@ -77,10 +85,10 @@ class DivergenceWatch:
 
 
 class TrainingDiverged(Exception):
-  """The loss became NaN or infinite; nothing from that step on was checkpointed."""
+  """The loss or gradients became NaN or infinite; nothing from that step on was checkpointed."""
 
   def __init__(self, step, hint):
-    super().__init__(f"the loss is not finite at step {step}; {hint}. The last "
+    super().__init__(f"the loss or its gradients are not finite at step {step}; {hint}. The last "
                      "checkpoint before it is kept")
     self.step = step
 
@@ -151,12 +159,15 @@ class ImageClassifier(tf_keras.Model):
       if self.l2_weight_decay:
         loss += tf.nn.scale_regularization_loss(
             optimizer_lib.l2_penalty(variables, self.l2_weight_decay))
-      self.divergence.note(loss, self.optimizer.iterations + 1)
-      if isinstance(self.optimizer, tf_keras.mixed_precision.LossScaleOptimizer):
-        loss = self.optimizer.get_scaled_loss(loss)
-    gradients = tape.gradient(loss, variables)
-    if isinstance(self.optimizer, tf_keras.mixed_precision.LossScaleOptimizer):
+      scaled = isinstance(self.optimizer, tf_keras.mixed_precision.LossScaleOptimizer)
+      scaled_loss = self.optimizer.get_scaled_loss(loss) if scaled else loss
+    gradients = tape.gradient(scaled_loss, variables)
+    if scaled:
       gradients = self.optimizer.get_unscaled_gradients(gradients)
+    # Under loss scaling an overflowed gradient is expected: the optimizer skips that
+    # step and lowers the scale, so only the loss is watched there.
+    self.divergence.note(loss, self.optimizer.iterations + 1,
+                         gradients=() if scaled else gradients)
     # The optimizer's gradient_aggregator sums over replicas (torus or strategy).
     self.optimizer.apply_gradients(zip(gradients, variables))
     if self.weight_average is not None:
@@ -170,6 +181,10 @@ class ImageClassifier(tf_keras.Model):
                                 weights)
 
 
+# model -> its traced averaging function (kept off the model, which Keras would track).
+_STATISTICS_AVERAGES = weakref.WeakKeyDictionary()
+
+
 def average_replica_statistics(model):
   """Sets every replica's batch-norm moving statistics to their mean over replicas.
 
@@ -179,7 +194,17 @@ def average_replica_statistics(model):
   (which stores the mean). Moving averages are linear, so replacing each with the mean
   of all changes nothing in expectation for training that follows.
   """
-  for variable in model.non_trainable_variables:
-    if (variable.synchronization == tf.VariableSynchronization.ON_READ
-        and variable.aggregation == tf.VariableAggregation.MEAN):
-      variable.assign(variable.read_value())
+  statistics = [v for v in model.non_trainable_variables
+                 if v.synchronization == tf.VariableSynchronization.ON_READ
+                 and v.aggregation == tf.VariableAggregation.MEAN]
+  if not statistics:
+    return
+  # One traced function for all of them: eagerly, each cross-replica read is a
+  # reduction of its own (tens of seconds for a ResNet's ~100 statistics).
+  average = _STATISTICS_AVERAGES.get(model)
+  if average is None:
+    def average_all():
+      for variable in statistics:
+        variable.assign(variable.read_value())
+    average = _STATISTICS_AVERAGES[model] = tf.function(average_all)
+  average()

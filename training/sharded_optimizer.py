@@ -141,7 +141,7 @@ class PackShard:
     in float32."""
     if not isinstance(self.start, int):
       # The shard is known only at run time: build the whole buffer, then slice it.
-      return tf.slice(pack_buffer(self.pack, tensors), [self.start], [self.length])
+      return tf.slice(self.pack.to_buffer(tensors), [self.start], [self.length])
     # Known while tracing: copy only the pieces that fall in the shard.
     flat = [tf.reshape(tf.cast(t, _UPDATE_DTYPE), [-1]) for t in tensors]
     parts = []
@@ -175,27 +175,6 @@ class PackShard:
     return len(self.pack.indices)
 
 
-def pack_buffer(pack: Pack, tensors: Sequence[tf.Tensor]) -> tf.Tensor:
-  """The flat float32 buffer of `pack` holding `tensors` (its members, in order)."""
-  parts = []
-  for tensor, size, slot in zip(tensors, pack.sizes, pack.slots):
-    parts.append(tf.reshape(tf.cast(tensor, _UPDATE_DTYPE), [-1]))
-    if slot > size:
-      parts.append(tf.zeros([slot - size], _UPDATE_DTYPE))
-  if pack.padding:
-    parts.append(tf.zeros([pack.padding], _UPDATE_DTYPE))
-  return parts[0] if len(parts) == 1 else tf.concat(parts, axis=0)
-
-
-def unpack_buffer(pack: Pack, buffer: tf.Tensor, shapes) -> List[tf.Tensor]:
-  """The members of `pack` read back out of its flat `buffer`, in their shapes."""
-  slots = list(pack.slots)
-  slots[-1] += pack.padding
-  pieces = tf.split(buffer, slots) if len(slots) > 1 else [buffer]
-  return [tf.reshape(piece[:size] if slot != size else piece, shape)
-          for piece, slot, size, shape in zip(pieces, slots, pack.sizes, shapes)]
-
-
 class ShardedUpdate:
   """The sharded `apply_gradients` of a momentum optimizer (a tf_keras OptimizerV2).
 
@@ -216,8 +195,7 @@ class ShardedUpdate:
     self._planned_variables: Tuple = ()
     self._momentum_shards: List[tf.Variable] = []
     self._strategy = None
-    self._gather_function = None
-    self._shard_function = None
+    self._replica_functions = {}  # replica-context method -> its traced strategy.run
 
   # ------------------------------------------------------------------ state
 
@@ -306,9 +284,8 @@ class ShardedUpdate:
   def _unpack_all(self, buffers) -> List[tf.Tensor]:
     values = [None] * len(self._planned_variables)
     for pack, buffer in zip(self._packs, buffers):
-      shapes = [self._planned_variables[i].shape for i in pack.indices]
-      for i, value in zip(pack.indices, unpack_buffer(pack, buffer, shapes)):
-        values[i] = value
+      for i, value in zip(pack.indices, pack.from_buffer(buffer)):
+        values[i] = tf.reshape(value, self._planned_variables[i].shape)
     return values
 
   def _write_replica_copies(self, variables, values, then_count_step):
@@ -367,7 +344,7 @@ class ShardedUpdate:
     pack_shards = self._pack_shards()
 
     with tf.name_scope("sharded_update"):
-      buffers = [pack_buffer(p, self._members(p, gradients)) for p in self._packs]
+      buffers = [p.to_buffer(self._members(p, gradients)) for p in self._packs]
       gradient_shards = self._sum_into_shards(backend, buffers)
       weight_shards = [s.cut(self._members(s.pack, variables)) for s in pack_shards]
       momentum_shards = [tf.convert_to_tensor(m) for m in self._momentum_shards]
@@ -426,12 +403,7 @@ class ShardedUpdate:
 
     Cross-replica context (where the trainer saves). One all-gather per pack.
     """
-    if not self._momentum_shards:
-      return
-    if self._gather_function is None:
-      self._gather_function = tf.function(
-          lambda: self._strategy.run(self._gather_slots_in_replica))
-    self._gather_function()
+    self._run_in_every_replica(self._gather_slots_in_replica)
 
   def _gather_slots_in_replica(self):
     backend = self._resolve_backend()
@@ -444,12 +416,17 @@ class ShardedUpdate:
   def shard_slots_after_restore(self):
     """Cuts each replica's shard out of the full-size "momentum" slots; call after
     a restore (and it does no harm after initialization). No collectives."""
+    self._run_in_every_replica(self._shard_slots_in_replica)
+
+  def _run_in_every_replica(self, replica_fn):
+    """Runs `replica_fn` on every replica in one traced call (no-op without slots)."""
     if not self._momentum_shards:
       return
-    if self._shard_function is None:
-      self._shard_function = tf.function(
-          lambda: self._strategy.run(self._shard_slots_in_replica))
-    self._shard_function()
+    key = replica_fn.__name__
+    if key not in self._replica_functions:
+      self._replica_functions[key] = tf.function(
+          lambda: self._strategy.run(replica_fn))
+    self._replica_functions[key]()
 
   def _shard_slots_in_replica(self):
     views = [self.get_slot(v, "momentum") for v in self._planned_variables]

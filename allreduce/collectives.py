@@ -221,6 +221,10 @@ class TpuBackend(CollectiveBackend):
     return tf.stack(received)
 
 
+# The chain batch norm's collectives are ordered in, apart from the gradients'.
+BATCH_NORM_CHAIN = "batch_norm"
+
+
 class _CollectiveKeys:
   """Process-wide group keys, instance keys and ordering tokens.
 
@@ -235,16 +239,23 @@ class _CollectiveKeys:
   * Instance key: a counter per (group key, replica). Each member of a group issues
     the same sequence of collectives on that group, so the members' counters agree
     whatever other groups, back ends or strategies used the process before.
-  * Ordering token: a resource handle on the replica's device. Collectives that take
-    it are ordered among themselves on that device and nowhere else; without it
-    automatic control dependencies chain all replicas' collectives in one sequence,
-    and every replica waits on a peer that cannot start.
+  * Ordering token: a resource handle per (replica's device, group, chain).
+    Collectives that take it are ordered among themselves, in issue order, and
+    nowhere else; without it automatic control dependencies chain all replicas'
+    collectives in one sequence, and every replica waits on a peer that cannot
+    start. One token per group, as TensorFlow's own `CollectiveReplicaLauncher`
+    keeps one per device and group (tensorflow/python/distribute/
+    cross_device_utils.py), and per chain (a back end's `chain`, e.g. batch norm's
+    apart from the gradients'): with a single token per device, a gradient pack
+    could not start before the last batch-norm collective of the backward pass had
+    been issued, so summation could not overlap backprop. Collectives are matched
+    by instance key, so two chains on one group meet whatever order they run in.
   """
 
   def __init__(self):
     self._lock = threading.Lock()
     self._instance_counters: Dict[Tuple[int, int], int] = {}
-    self._tokens: Dict[str, tf.Tensor] = {}
+    self._tokens: Dict[Tuple[str, int, str], tf.Tensor] = {}
 
   def group_key(self, identity: str) -> int:
     digest = hashlib.sha256(identity.encode("utf-8")).digest()
@@ -256,16 +267,16 @@ class _CollectiveKeys:
       self._instance_counters[(group_key, replica_id)] = key
       return key
 
-  def ordering_token(self, device: str):
+  def ordering_token(self, device: str, group_key: int, chain: str):
     with self._lock:
-      token = self._tokens.get(device)
+      token = self._tokens.get((device, group_key, chain))
       if token is None:
         # A handle is all the op needs: the token orders, it is never read.
         with tf.init_scope(), tf.device(device):
           token = tf.raw_ops.VarHandleOp(
               dtype=tf.float32, shape=[],
-              shared_name=f"torus_allreduce_ordering_token_{device}")
-        self._tokens[device] = token
+              shared_name=f"torus_allreduce_token_{device}_{group_key}_{chain}")
+        self._tokens[(device, group_key, chain)] = token
       return token
 
 
@@ -284,11 +295,19 @@ class CollectiveOpsBackend(CollectiveBackend):
   Reduce-scatter is `CollectiveAllToAllV2` plus a local sum (TensorFlow has no CPU
   kernel for `CollectiveReduceScatterV2`). `timeout_seconds` bounds every wait, so a
   missing peer fails the step instead of hanging it; 0 waits forever.
+
+  `chain` names the sequence this back end's collectives are ordered in (see
+  `_CollectiveKeys`): batch norm's run apart from the gradients', so a gradient
+  pack is not held behind a later layer's batch-norm backward collective. NCCL
+  needs one launch order per communicator, across processes too, so with NCCL
+  every back end shares one chain per group.
   """
 
-  def __init__(self, timeout_seconds: float = 0.0, communication_hint: str = "auto"):
+  def __init__(self, timeout_seconds: float = 0.0, communication_hint: str = "auto",
+               chain: str = "gradients"):
     self._timeout_seconds = float(timeout_seconds)
     self._communication_hint = communication_hint
+    self._chain = "nccl" if communication_hint == "nccl" else chain
 
   def _group(self, group_assignment):
     """This replica's id and group, validated (nothing allocated yet)."""
@@ -315,7 +334,8 @@ class CollectiveOpsBackend(CollectiveBackend):
         group_size=len(group),
         group_key=group_key,
         instance_key=_KEYS.next_instance_key(group_key, replica_id),
-        ordering_token=[_KEYS.ordering_token(_replica_device(context))],
+        ordering_token=[_KEYS.ordering_token(_replica_device(context), group_key,
+                                                self._chain)],
         communication_hint=self._communication_hint,
         timeout_seconds=self._timeout_seconds)
 
@@ -388,12 +408,13 @@ def _on_gpus(strategy) -> bool:
       tf.DeviceSpec.from_string(d).device_type == "GPU" for d in devices)
 
 
-def backend_for_strategy(strategy=None, *,
-                         timeout_seconds: float = 0.0) -> CollectiveBackend:
+def backend_for_strategy(strategy=None, *, timeout_seconds: float = 0.0,
+                         chain: str = "gradients") -> CollectiveBackend:
   """The collective back end for `strategy` (default: the current one).
 
-  `TPUStrategy` gets the TPU back end; everything else the collective-ops back end,
-  with NCCL when every replica is a GPU.
+  `TPUStrategy` gets the TPU back end (XLA schedules its collectives); everything
+  else the collective-ops back end, with NCCL when every replica is a GPU, ordering
+  its collectives in `chain` (see `CollectiveOpsBackend`).
   Constructing a back end is cheap: all state (keys, tokens) is shared process-wide.
   """
   strategy = strategy or tf.distribute.get_strategy()
@@ -403,4 +424,5 @@ def backend_for_strategy(strategy=None, *,
   # GPU replicas: NCCL moves the bytes GPU to GPU; "auto" may pick the ring over the
   # host.
   return CollectiveOpsBackend(timeout_seconds=timeout_seconds,
-                           communication_hint="nccl" if _on_gpus(strategy) else "auto")
+                              communication_hint="nccl" if _on_gpus(strategy) else "auto",
+                              chain=chain)

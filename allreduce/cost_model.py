@@ -357,3 +357,77 @@ def square_grid_steps(num_replicas: int) -> int:
   if side * side != num_replicas:
     raise CostModelError(f"{num_replicas} is not a square number of replicas")
   return 4 * (side - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeasuredFit:
+  """alpha and beta fitted to measured all-reduce times (see `fit_alpha_beta`).
+
+  Attributes:
+    seconds_per_call: alpha, per collective op a replica issues (on CPU the launch
+      and rendezvous of an op, not a hop: the logical devices share one memory).
+    seconds_per_byte: beta, per byte a replica sends (on CPU a memory copy and the
+      local sum of what was received).
+  """
+  seconds_per_call: float
+  seconds_per_byte: float
+
+  def predict(self, counts) -> float:
+    """Seconds for the all-reduces `counts` (one AllReduceCounts per pack), in
+    sequence."""
+    return sum(c.collective_calls * self.seconds_per_call
+               + c.bytes_sent * self.seconds_per_byte for c in counts)
+
+
+def fit_alpha_beta(samples) -> MeasuredFit:
+  """Least-squares alpha and beta from [(per-pack AllReduceCounts, seconds), ...].
+
+  Each sample is one measured aggregation: the counts of every pack it sent (as
+  `torus_allreduce_counts` gives them for the packs the aggregator planned) and its
+  time. Relative errors are minimised (each row divided by its time), so small
+  and large payloads weigh alike.
+  """
+  rows = []
+  for counts, seconds in samples:
+    if seconds <= 0:
+      raise CostModelError(f"measured time must be positive, got {seconds}")
+    calls = sum(c.collective_calls for c in counts)
+    sent = sum(c.bytes_sent for c in counts)
+    rows.append((calls / seconds, sent / seconds))
+  # Normal equations of min sum (a * calls + b * bytes) / t - 1)^2.
+  saa = sum(a * a for a, _ in rows)
+  sab = sum(a * b for a, b in rows)
+  sbb = sum(b * b for _, b in rows)
+  sa = sum(a for a, _ in rows)
+  sb = sum(b for _, b in rows)
+  determinant = saa * sbb - sab * sab
+  if len(rows) < 2 or abs(determinant) <= 1e-12 * saa * sbb:
+    raise CostModelError("the samples do not separate alpha from beta: measure at "
+                         "least two payload sizes or grids")
+  alpha = (sa * sbb - sb * sab) / determinant
+  beta = (sb * saa - sa * sab) / determinant
+  return MeasuredFit(seconds_per_call=alpha, seconds_per_byte=beta)
+
+
+# TPU v3 HBM bandwidth per chip: Cloud TPU system architecture page (v3: 32 GiB HBM
+# per chip, 900 GB/s). The update is memory-bound, so its time is bytes / bandwidth.
+TPU_V3_HBM_BYTES_PER_S = 900e9
+# LARS with momentum per float32 parameter: read weight, gradient and momentum, write
+# weight and momentum (the per-layer norms re-read weight and gradient once more).
+LARS_BYTES_PER_PARAMETER = 7 * FLOAT32_BYTES
+
+
+def sharded_update_saving_s(num_parameters: int, num_shards: int,
+                            hbm_bytes_per_s: float = TPU_V3_HBM_BYTES_PER_S,
+                            bytes_per_parameter: int = LARS_BYTES_PER_PARAMETER
+                            ) -> float:
+  """Seconds per step saved when each replica updates 1 / num_shards of the weights.
+
+  The collectives move the same bytes either way (reduce-scatter, then an all-gather
+  of weights instead of gradients), so the saving is the update itself:
+  (1 - 1 / num_shards) of a memory-bound pass over the optimizer state.
+  """
+  if num_shards < 1:
+    raise CostModelError(f"num_shards must be positive, got {num_shards}")
+  full = num_parameters * bytes_per_parameter / hbm_bytes_per_s
+  return full * (1.0 - 1.0 / num_shards)

@@ -88,8 +88,12 @@ def _round_up(value: int, multiple: int) -> int:
 
 
 def plan_packs(sizes: Sequence[int], dtypes: Sequence[tf.DType],
-               pack_size_bytes: int, num_shards: int) -> List[Pack]:
-  """Greedily fills packs of at most `pack_size_bytes`, in list order, per dtype.
+               pack_size_bytes: int, num_shards: int,
+               order: Optional[Sequence[int]] = None) -> List[Pack]:
+  """Greedily fills packs of at most `pack_size_bytes`, in `order`, per dtype.
+
+  `order` lists the tensor indices in the order they fill packs (default: list
+  order); the packs come out in the order they were filled.
 
   A tensor larger than the cap gets a pack of its own (tensors are never split: the
   buffer would then need a second copy). Each pack's length is a multiple of
@@ -108,7 +112,8 @@ def plan_packs(sizes: Sequence[int], dtypes: Sequence[tf.DType],
     padding = _round_up(sum(slots), align * num_shards) - sum(slots)
     packs.append(Pack(dtype, tuple(indices), tuple(pack_sizes), slots, padding))
 
-  for index, (size, dtype) in enumerate(zip(sizes, dtypes)):
+  for index in (range(len(sizes)) if order is None else order):
+    size, dtype = sizes[index], dtypes[index]
     nbytes = size * dtype.size
     if dtype in open_packs and open_packs[dtype][2] + nbytes > pack_size_bytes:
       close(dtype)
@@ -178,6 +183,18 @@ class TorusGradientAggregator:
     summed = self.all_reduce([g for g, _ in grads_and_vars])
     return [(g, v) for g, (_, v) in zip(summed, grads_and_vars)]
 
+  def plan(self, shapes_and_dtypes) -> List[Pack]:
+    """The packs, in issue order, for tensors of these (shape, dtype)s."""
+    # Backprop produces the last layer's gradients first, so packs are filled from
+    # the end: the first pack's reduce-scatter can start while earlier layers still
+    # back-propagate (TensorFlow's CollectiveAllReduce reverses its list for the
+    # same reason).
+    return plan_packs([tf.TensorShape(shape).num_elements()
+                       for shape, _ in shapes_and_dtypes],
+                      [communication_dtype(dtype) for _, dtype in shapes_and_dtypes],
+                      self.pack_size_bytes, num_shards=self.grid.x_size,
+                      order=range(len(shapes_and_dtypes) - 1, -1, -1))
+
   def all_reduce(self, tensors: Sequence[Optional[tf.Tensor]]
                  ) -> List[Optional[tf.Tensor]]:
     """The sum (or mean) over replicas of each tensor; `None` stays `None`."""
@@ -191,9 +208,7 @@ class TorusGradientAggregator:
     for t in dense:
       if not t.shape.is_fully_defined():
         raise ValueError(f"the torus aggregator needs static shapes, got {t.shape}")
-    packs = plan_packs([t.shape.num_elements() for t in dense],
-                       [communication_dtype(t.dtype) for t in dense],
-                       self.pack_size_bytes, num_shards=self.grid.x_size)
+    packs = self.plan([(t.shape, t.dtype) for t in dense])
     rows = self.grid.row_groups()
     columns = self.grid.column_groups()
 

@@ -155,7 +155,7 @@ class GroupSyncBatchNormalization(tf_keras.layers.experimental.SyncBatchNormaliz
   def _sum_over_group(self, local_sum, local_squared_sum, local_count, groups):
     """Sums the three moments over this replica's group in one collective."""
     backend = self._backend or collectives.backend_for_strategy(
-        tf.distribute.get_strategy())
+        tf.distribute.get_strategy(), chain=collectives.BATCH_NORM_CHAIN)
     num_channels = local_sum.shape.num_elements()  # static: the axis sizes are known
     packed = tf.concat(
         [tf.reshape(local_sum, [-1]), tf.reshape(local_squared_sum, [-1]),

@@ -8,8 +8,8 @@ end builds: its kind, the issuing replica, its group and its payload. The step
 function is only traced (`get_concrete_function`), never run: counting needs the ops,
 not their data.
 
-What is compared, for every replica and every pack of `plan_packs` (the aggregator
-packs the gradients into buffers of at most `pack_size_bytes`, each padded to a
+What is compared, for every replica and every pack of the aggregator's `plan` (it
+packs the gradients, last first, into buffers of at most `pack_size_bytes`, each padded to a
 multiple of x * 64 bytes), with `cost_model.torus_allreduce_counts(x, y, pack bytes)`:
 
 * per phase (the model of the back end traced): the collective ops, the group size, the bytes handed to each call
@@ -116,9 +116,9 @@ class CostModelMatchesImplementationTest(tf.test.TestCase, parameterized.TestCas
                else collectives.CollectiveOpsBackend())
     log, graph_ops = self._trace(x, y, issuing, pack_size_bytes)
     grid = TorusTopology(x, y)
-    packs = torus_aggregator.plan_packs(
-        [tf.TensorShape(s).num_elements() for s in self.shapes],
-        [tf.float32] * len(self.shapes), pack_size_bytes, num_shards=x)
+    packs = allreduce.make_torus_aggregator(
+        grid, pack_size_bytes=pack_size_bytes).plan(
+            [(s, tf.float32) for s in self.shapes])
     models = [cost_model.torus_allreduce_counts(x, y, pack.length * 4,
                                                 backend=backend)
               for pack in packs]

@@ -202,5 +202,56 @@ class TimeTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(cost_model.RESNET50_GRADIENT_BYTES, 102_228_128)
 
 
+class MeasuredFitTest(tf.test.TestCase):
+  """Fitting alpha and beta to measured times, and the sharded-update saving."""
+
+  def _samples(self, alpha, beta, grids_and_sizes):
+    samples = []
+    for (x, y), sizes in grids_and_sizes:
+      counts = [cost_model.torus_allreduce_counts(x, y, n) for n in sizes]
+      seconds = sum(c.collective_calls * alpha + c.bytes_sent * beta for c in counts)
+      samples.append((counts, seconds))
+    return samples
+
+  def test_recovers_alpha_and_beta_and_predicts_a_held_out_grid(self):
+    alpha, beta = 2e-4, 3e-10
+    samples = self._samples(alpha, beta, [((1, 8), [1 << 22] * 3),
+                                          ((2, 4), [1 << 16]),
+                                          ((8, 1), [1 << 24, 1 << 20])])
+    fit = cost_model.fit_alpha_beta(samples)
+    self.assertAllClose(fit.seconds_per_call, alpha, rtol=1e-9)
+    self.assertAllClose(fit.seconds_per_byte, beta, rtol=1e-9)
+    held_out = [cost_model.torus_allreduce_counts(4, 2, 1 << 23)] * 2
+    want = 2 * (held_out[0].collective_calls * alpha + held_out[0].bytes_sent * beta)
+    self.assertAllClose(fit.predict(held_out), want, rtol=1e-9)
+
+  def test_minimises_relative_error(self):
+    # Two exact small samples and one large one 10% slow: the fit stays near the
+    # small ones' parameters instead of being pulled by the large one's seconds.
+    alpha, beta = 1e-4, 1e-9
+    samples = self._samples(alpha, beta, [((2, 4), [1 << 10]), ((1, 8), [1 << 12])])
+    (big_counts, big_seconds), = self._samples(alpha, beta, [((2, 4), [1 << 26])])
+    fit = cost_model.fit_alpha_beta(samples + [(big_counts, big_seconds * 1.1)])
+    self.assertBetween(fit.predict(big_counts) / big_seconds, 1.0, 1.1)
+
+  def test_one_kind_of_sample_cannot_separate_alpha_from_beta(self):
+    samples = self._samples(1e-4, 1e-9, [((2, 4), [1 << 20])])
+    with self.assertRaisesRegex(cost_model.CostModelError, "two payload sizes"):
+      cost_model.fit_alpha_beta(samples)
+    with self.assertRaisesRegex(cost_model.CostModelError, "positive"):
+      cost_model.fit_alpha_beta([(samples[0][0], 0.0)])
+
+  def test_sharded_update_saving(self):
+    # ResNet-50's LARS state, 28 bytes per parameter at 900 GB/s: 0.795 ms a step,
+    # of which 31/32 is saved by 32 shards; nothing with one shard.
+    full = cost_model.RESNET50_NUM_PARAMETERS * 28 / 900e9
+    self.assertAllClose(
+        cost_model.sharded_update_saving_s(cost_model.RESNET50_NUM_PARAMETERS, 32),
+        full * 31 / 32)
+    self.assertEqual(cost_model.sharded_update_saving_s(1000, 1), 0.0)
+    with self.assertRaises(cost_model.CostModelError):
+      cost_model.sharded_update_saving_s(1000, 0)
+
+
 if __name__ == "__main__":
   tf.test.main()

@@ -241,6 +241,105 @@ class PlanPacksTest(tf.test.TestCase):
     self.assertBetween(len(packs), 2, 8)
 
 
+class OverlapOrderTest(tf.test.TestCase):
+  """What lets summation overlap backprop: packs are filled from the last gradient
+  (backprop's first), and collectives on different groups are not chained."""
+
+  def test_plan_packs_fills_in_the_given_order(self):
+    packs = torus_aggregator.plan_packs([10, 10, 10, 30, 5], [tf.float32] * 5,
+                                        pack_size_bytes=80, num_shards=4,
+                                        order=[4, 3, 2, 1, 0])
+    self.assertEqual([p.indices for p in packs], [(4,), (3,), (2, 1), (0,)])
+    self.assertEqual([p.sizes for p in packs], [(5,), (30,), (10, 10), (10,)])
+
+  def test_first_collective_needs_only_the_last_gradients(self):
+    strategy = logical_devices.cpu_mirrored_strategy(8)
+    sizes = [64, 64, 64, 64, 64, 64]  # 256 bytes each: two per 512-byte pack
+    aggregator = allreduce.make_torus_aggregator((2, 4), pack_size_bytes=512)
+
+    @tf.function(autograph=False)
+    def run():
+      return strategy.run(lambda: aggregator.all_reduce(
+          [tf.fill([n], tf.constant(float(i)), name=f"gradient_{i}")
+           for i, n in enumerate(sizes)]))
+
+    ops = run.get_concrete_function().graph.get_operations()
+    on_replica_0 = [op for op in ops if op.device.endswith("CPU:0")
+                    and op.type.startswith("Collective")]
+    first = on_replica_0[0]
+
+    def gradients_reached(op, through_control=True):
+      seen, stack, found = set(), [op], set()
+      while stack:
+        node = stack.pop()
+        if node.name in seen:
+          continue
+        seen.add(node.name)
+        if node.type == "Fill" and "gradient_" in node.name:
+          found.add(int(node.name.split("gradient_")[1].split("/")[0].split("_")[0]))
+        stack.extend(t.op for t in node.inputs)
+        if through_control:
+          stack.extend(node.control_inputs)
+      return found
+
+    # Nothing, data or control, holds the first collective back behind the first
+    # layers' gradients.
+    self.assertEqual(gradients_reached(first), {4, 5})
+    # The last one (the all-gather of the last pack filled) carries the first.
+    self.assertEqual(gradients_reached(on_replica_0[-1], through_control=False), {0, 1})
+
+  def test_batch_norm_and_gradients_are_ordered_apart(self):
+    strategy = logical_devices.cpu_mirrored_strategy(8)
+    gradients = collectives.CollectiveOpsBackend()
+    batch_norm = collectives.CollectiveOpsBackend(chain=collectives.BATCH_NORM_CHAIN)
+    grid = TorusTopology(2, 4)
+
+    @tf.function(autograph=False)
+    def run():
+      def replica_fn():
+        # Batch norm first, as in a step, and on the rows' very groups (pairs on
+        # 2x4, as with bn_group_size 2): the gradients must not wait behind it.
+        norm = batch_norm.all_reduce_sum(tf.ones([4]), grid.block_groups(2))
+        rows = gradients.all_reduce_sum(tf.ones([8]), grid.row_groups())
+        columns = gradients.all_reduce_sum(tf.ones([8]), grid.column_groups())
+        rows_again = gradients.all_reduce_sum(tf.ones([8]), grid.row_groups())
+        return norm, rows, columns, rows_again
+      return strategy.run(replica_fn)
+
+    self.assertEqual(TorusTopology(2, 4).block_groups(2), grid.row_groups())
+    ops = [op for op in run.get_concrete_function().graph.get_operations()
+           if op.type == "CollectiveReduceV2" and op.device.endswith("CPU:0")]
+    self.assertLen(ops, 4)
+    norm, rows, columns, rows_again = ops
+
+    def token(op):  # the captured handle: one placeholder per distinct token
+      return op.inputs[-1].op.name
+
+    self.assertLen({token(norm), token(rows), token(columns)}, 3)
+    self.assertEqual(token(rows), token(rows_again))
+    self.assertNotIn(norm, rows.control_inputs)
+    self.assertIn(rows, rows_again.control_inputs)  # one chain: issue order
+
+  def test_nccl_keeps_one_chain_per_group(self):
+    # NCCL needs one launch order per communicator: no separate batch-norm chain.
+    # Only traced (no NCCL here): the tokens are in the graph.
+    strategy = logical_devices.cpu_mirrored_strategy(8)
+    gradients = collectives.CollectiveOpsBackend(communication_hint="nccl")
+    batch_norm = collectives.CollectiveOpsBackend(communication_hint="nccl",
+                                                  chain=collectives.BATCH_NORM_CHAIN)
+    rows = TorusTopology(2, 4).row_groups()
+
+    @tf.function(autograph=False)
+    def run():
+      return strategy.run(lambda: (batch_norm.all_reduce_sum(tf.ones([4]), rows),
+                                   gradients.all_reduce_sum(tf.ones([8]), rows)))
+
+    norm, summed = [op for op in run.get_concrete_function().graph.get_operations()
+                    if op.type == "CollectiveReduceV2" and op.device.endswith("CPU:0")]
+    self.assertEqual(norm.inputs[-1].op.name, summed.inputs[-1].op.name)
+    self.assertIn(norm, summed.control_inputs)
+
+
 class OptimizerIntegrationTest(tf.test.TestCase):
   """The aggregator replaces the optimizer's cross-replica sum; nothing sums twice."""
 

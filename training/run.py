@@ -34,7 +34,8 @@ def build_norm_layer(model, grid, strategy):
   """The grouped batch-norm factory the backbone is built with."""
   return group_batch_norm.make_batch_norm_factory(
       model.bn_group_size, grid=grid, momentum=model.bn_momentum,
-      backend=allreduce.backend_for_strategy(strategy))
+      backend=allreduce.backend_for_strategy(
+          strategy, chain=allreduce.collectives.BATCH_NORM_CHAIN))
 
 
 def build_aggregator(distribution, grid, strategy):

@@ -538,8 +538,8 @@ class PodAssignmentTest(tf.test.TestCase):
 
   def test_imagenet_training_over_1024_hosts(self):
     files = [f"train-{i:05d}-of-01024" for i in range(1024)]
-    # 1,281,167 examples: 1251 in the first 143 files, 1251 - 1 in the rest... as
-    # the converters spread them: 1024 * 1251 = 1,281,024, plus 143 over.
+    # 1,281,167 examples: 1024 * 1251 = 1,281,024, and one more in each of the first
+    # 143 files.
     examples_per_file = {path: 1251 + (i < 143) for i, path in enumerate(files)}
     self.assertEqual(sum(examples_per_file.values()), 1_281_167)
     counts = self._check_partition(files, examples_per_file)

@@ -19,6 +19,7 @@ the same on every host, and `batch_with_padding` fills each host's stream up to 
 zero-weight examples.
 """
 
+import concurrent.futures
 import dataclasses
 import random
 import uuid
@@ -103,54 +104,81 @@ def list_shards(file_pattern):
   return files
 
 
-def check_shards_readable(files):
-  """Reads the first record of every shard, so a broken shard is named up front.
+def check_shards_readable(files, max_parallel_reads=16):
+  """Reads the first record of each shard, in parallel, so a broken shard is named up front.
 
   TensorFlow's own error for a corrupt record ("corrupted record at 128") does not name
-  the file; hours into a run, on one of a thousand shards, that is not actionable.
+  the file; hours into a run, on one of a thousand shards, that is not actionable. The
+  pipeline passes only this host's own shards (after `shard_for_host`): on a pod each
+  host opens its ~1/N of the files, not all of them, and a slow file system's latency
+  is paid `max_parallel_reads` files at a time rather than once per file.
+
+  Args:
+    files: the shards to check.
+    max_parallel_reads: files opened at once (threads; TensorFlow's reads release the
+      GIL).
 
   Raises:
-    DataError: naming the first shard that is missing, unreadable or not a TFRecord file.
+    DataError: naming the first shard, in `files` order, that is missing, unreadable or
+      not a TFRecord file.
   """
-  for path in files:
+  def read_error(path):
     try:
       for _ in tf.data.TFRecordDataset(path).take(1):
         pass
     except (tf.errors.DataLossError, tf.errors.NotFoundError,
             tf.errors.PermissionDeniedError, tf.errors.InvalidArgumentError) as e:
-      raise DataError(f"Shard {path} cannot be read as TFRecords: {e.message}. "
-                      "Rewrite or remove this file.") from e
+      return e
+    return None
+
+  if not files:
+    return
+  with concurrent.futures.ThreadPoolExecutor(
+      min(max_parallel_reads, len(files))) as pool:
+    errors = list(pool.map(read_error, files))
+  for path, error in zip(files, errors):
+    if error is not None:
+      raise DataError(f"Shard {path} cannot be read as TFRecords: {error.message}. "
+                      "Rewrite or remove this file.") from error
 
 
 @dataclasses.dataclass(frozen=True)
 class HostShard:
   """Which part of the shards this input pipeline (host) reads."""
   files: tuple
-  # When there are fewer files than hosts, every host reads all files and keeps every
-  # num_record_shards-th record starting at record_shard_index.
+  # When there are fewer files than hosts, each host reads one file and keeps every
+  # num_record_shards-th of its records, starting at record_shard_index.
   num_record_shards: int = 1
   record_shard_index: int = 0
+
+
+def host_shard(files, num_hosts, host):
+  """The part of `files` that host `host` of `num_hosts` reads: a pure function.
+
+  At least as many files as hosts: whole files, round-robin (files host, host + N, ...),
+  so no host reads more than ceil(files / hosts) of them. Fewer files than hosts (128
+  validation shards over 256 hosts): host h reads only file h mod F, shared with the
+  other hosts of that residue, and keeps its stride of the file's records. Each host
+  then opens one file instead of all of them; the hosts sharing a file (floor or ceil
+  of N / F of them) split its records, so together they read every record once.
+  """
+  num_files = len(files)
+  if num_files >= num_hosts:
+    return HostShard(tuple(files[host::num_hosts]))
+  file_index = host % num_files
+  sharers = len(range(file_index, num_hosts, num_files))
+  return HostShard((files[file_index],), sharers, host // num_files)
 
 
 def shard_for_host(files, input_context):
   """Splits files among input pipelines: disjoint, and together they cover everything.
 
-  Whole files per host when there are enough (each host reads only its own), records
-  round-robin otherwise (each host reads everything and keeps its share).
+  See `host_shard`; no context, or one input pipeline, reads every file.
   """
   if input_context is None or input_context.num_input_pipelines == 1:
     return HostShard(tuple(files))
-  count, index = input_context.num_input_pipelines, input_context.input_pipeline_id
-  if len(files) < count:
-    logging.warning("Only %d shards for %d input pipelines: sharding by record, so every "
-                    "host reads every file.", len(files), count)
-  return _host_shard(files, count, index)
-
-
-def _host_shard(files, num_hosts, host):
-  if len(files) >= num_hosts:
-    return HostShard(tuple(files[host::num_hosts]))
-  return HostShard(tuple(files), num_hosts, host)
+  return host_shard(files, input_context.num_input_pipelines,
+                    input_context.input_pipeline_id)
 
 
 def _examples_per_file(files):
@@ -168,15 +196,23 @@ def _examples_per_file(files):
   return dict(zip(files, (int(n) for n in per_file.as_numpy_iterator())))
 
 
-def _examples_of_host(host_shard, examples_per_file):
-  total = sum(examples_per_file[path] for path in host_shard.files)
+def examples_of_host(shard, examples_per_file):
+  """Examples a host reads in one pass of `shard`, given {file: examples}."""
+  total = sum(examples_per_file[path] for path in shard.files)
   # Records index, index + n, ... of `total`.
-  return len(range(host_shard.record_shard_index, total, host_shard.num_record_shards))
+  return len(range(shard.record_shard_index, total, shard.num_record_shards))
 
 
-def examples_per_epoch(host_shard):
+def examples_per_epoch(shard):
   """Examples this host sees per epoch: from dataset_info.json, else by counting."""
-  return _examples_of_host(host_shard, _examples_per_file(host_shard.files))
+  return examples_of_host(shard, _examples_per_file(shard.files))
+
+
+def example_counts_by_host(files, examples_per_file, num_input_pipelines):
+  """Examples each of `num_input_pipelines` hosts reads of `files`: a pure function."""
+  return [examples_of_host(host_shard(files, num_input_pipelines, host),
+                           examples_per_file)
+          for host in range(num_input_pipelines)]
 
 
 def host_example_counts(file_pattern, num_input_pipelines):
@@ -186,10 +222,7 @@ def host_example_counts(file_pattern, num_input_pipelines):
   same records, each file once), so every host derives the same evaluation step count.
   """
   files = list_shards(file_pattern)
-  examples_per_file = _examples_per_file(files)
-  return [_examples_of_host(_host_shard(files, num_input_pipelines, host),
-                            examples_per_file)
-          for host in range(num_input_pipelines)]
+  return example_counts_by_host(files, _examples_per_file(files), num_input_pipelines)
 
 
 def padded_eval_steps(examples_per_host, global_batch_size):
@@ -254,21 +287,63 @@ def batch_with_padding(examples, *, batch_size, num_batches):
           .batch(batch_size, drop_remainder=True))
 
 
-def _epoch_key(base_seed, epoch):
-  return tf.random.experimental.stateless_fold_in(base_seed, epoch)
+def _fold(key, value):
+  return tf.random.experimental.stateless_fold_in(key, value)
 
 
-def _shuffled_blocks(dataset, block_size, key):
-  """Permutes each run of `block_size` elements with a stateless, tensor-keyed shuffle.
+def shuffle_window_size(examples_per_epoch, shuffle_buffer_size):
+  """Records per shuffle window: at most `shuffle_buffer_size`, an epoch cut evenly.
 
-  Used instead of `Dataset.shuffle` because the order must be a function of a
-  per-epoch *tensor* key (so a resumed run can jump to any epoch), and
-  `Dataset.shuffle` cannot take a tensor seed once a global seed of 0 is set
-  (`tf.random.set_seed(0)`: TensorFlow then casts the seed tensor to a Python bool).
-  The next block is read while the current one is consumed.
+  An epoch of E records is cut into ceil(E / buffer) windows of (nearly) equal length,
+  not into full windows and a short remainder: while an epoch's last window is consumed
+  the next epoch's first window is read, and a last window of a few records would leave
+  the reader a whole window behind at every epoch boundary. None (the epoch's length
+  is not written down): windows of `shuffle_buffer_size`.
   """
-  return (dataset.batch(block_size)
-          .map(lambda block: tf.random.experimental.stateless_shuffle(block, seed=key))
+  if not examples_per_epoch:
+    return shuffle_buffer_size
+  num_windows = -(-examples_per_epoch // shuffle_buffer_size)
+  return -(-examples_per_epoch // num_windows)
+
+
+def shuffled_epochs(epoch_records, *, first_epoch, window_size, window_key,
+                    skip_windows=0):
+  """Endless epochs of records, each epoch permuted window by window, never draining.
+
+  Epoch e's records (`epoch_records(e)`, in read order) are cut into windows of
+  `window_size`; each window is permuted by `stateless_shuffle` with the key
+  `window_key(e, w)`, a pure function of the epoch and the window's index in it. So
+  the record at any position of the stream depends only on the keys and the position,
+  and each epoch holds each of its records exactly once (no window spans two epochs).
+
+  The epochs form one stream (one `flat_map` over `Dataset.counter`) and the
+  read-ahead of one window sits after it: while a window is consumed the next one is
+  read and permuted, also across an epoch boundary, so the stream never waits for a
+  buffer to refill (a per-epoch read-ahead, or `Dataset.shuffle` restarted each epoch,
+  stops at every boundary until the next epoch's first window is read).
+
+  Used instead of `Dataset.shuffle` because its sliding buffer's state is not a function
+  of the position (a resumed run could not rebuild it), and because it cannot take a
+  tensor seed once a global seed of 0 is set (`tf.random.set_seed(0)`: TensorFlow then
+  casts the seed tensor to a Python bool).
+
+  Args:
+    epoch_records: epoch (int64 scalar tensor) -> that epoch's records.
+    first_epoch: the first epoch of the stream.
+    window_size: records per window (see `shuffle_window_size`).
+    window_key: (epoch, window) int64 tensors -> a [2] int64 key.
+    skip_windows: whole windows of the first epoch to leave out, before permuting them
+      (resuming: they are read but not held or shuffled).
+  """
+  def windows_of(epoch):
+    skip = tf.where(epoch == first_epoch, tf.constant(skip_windows, tf.int64),
+                    tf.constant(0, tf.int64))
+    return (epoch_records(epoch).skip(skip * window_size).batch(window_size)
+            .enumerate()
+            .map(lambda window, block: tf.random.experimental.stateless_shuffle(
+                block, seed=window_key(epoch, window + skip))))
+
+  return (tf.data.Dataset.counter(first_epoch).flat_map(windows_of)
           .prefetch(1).unbatch())
 
 
@@ -286,7 +361,8 @@ class StreamOptions:
     record does not hold up the ones behind it).
   skip_examples: training only: start as if this many examples had already been read by
     this host (resuming at step s: s * per-host examples per step). Skipped as encoded
-    records, before any decoding; exact when the stream is deterministic.
+    records, before any decoding; exact when the stream is deterministic (see
+    `tfrecord_stream`), approximate otherwise (a slow read can reorder records).
   """
   is_training: bool
   shuffle_seed: int | None = None
@@ -319,13 +395,15 @@ class ReadOptions:
   cycle_length, block_length, num_parallel_reads: the parallel interleave: how many
     shards are read at once, records taken from each in turn, reader threads.
   read_buffer_bytes: read buffer per open shard.
-  shuffle_buffer_size: records per shuffle block: each run of this many records (as
-    interleaved from the shuffled shards) is permuted, anew every epoch.
+  shuffle_buffer_size: records per shuffle window, at most: each epoch is cut into
+    windows of about this many records (as interleaved from the shuffled shards), each
+    permuted anew every epoch (see `shuffled_epochs`). Up to three windows of encoded
+    records are in memory: the one filling, the one read ahead, the one consumed.
   cache: keep the encoded records in host memory after the first epoch (only when this
     host's share fits). The per-epoch file shuffle then no longer changes anything; the
     record shuffle still does.
-  check_shards: read the first record of each shard up front, so a broken shard is an
-    error naming it (one small read per shard).
+  check_shards: read the first record of each of this host's shards up front, in
+    parallel, so a broken shard is an error naming it (one small read per shard).
   label_offset: subtracted from the stored label (1 for the ImageNet converters).
   num_parallel_calls: parallelism of parse and decode.
   tfds builders interleave their own files: of these they use cycle_length,
@@ -356,13 +434,21 @@ class BatchOptions:
     weights), every real example (weight 1) followed by zero-weight padding (see
     `batch_with_padding`; `padded_eval_steps` gives the count). Overrides drop_remainder.
   prefetch_batches: batches prepared ahead on the host.
-  private_threadpool_size: threads for this dataset (None: the shared pool).
+  The tf.data runtime's limits (None: TensorFlow's default), set once on the whole
+  pipeline by `batch_and_prefetch`:
+  private_threadpool_size: threads of a pool of this dataset's own (None: the shared
+    pool); bounds what the input takes from a host that also runs the training step.
+  max_intra_op_parallelism: threads one tf.data op may use inside itself.
+  autotune_ram_budget_bytes: memory the autotuner may spend on buffers (TensorFlow's
+    default: half the host's RAM, too much when several processes share a host).
   """
   batch_size: int
   drop_remainder: bool = True
   pad_to_batches: int | None = None
   prefetch_batches: int = AUTOTUNE
   private_threadpool_size: int | None = None
+  max_intra_op_parallelism: int | None = None
+  autotune_ram_budget_bytes: int | None = None
 
 
 def host_stream_key(stream, input_context):
@@ -374,8 +460,18 @@ def host_stream_key(stream, input_context):
 def tfrecord_stream(file_pattern, stream, read=ReadOptions(), input_context=None):
   """ImageNet-schema TFRecords -> this host's (seed [2], example dict) stream.
 
-  The record half of the pipeline: list files, shard per host, shuffle files, parallel
-  interleave, (cache), shuffle, parse. The example dicts are `schema.parse_example`'s.
+  The record half of the pipeline: list files, shard per host, check this host's files,
+  shuffle files, parallel interleave, (cache), shuffle, parse. The example dicts are
+  `schema.parse_example`'s.
+
+  Training is one endless stream of epochs: epoch e reads this host's files in an order
+  keyed by (seed, host, e), interleaved, and permutes each window of its records with a
+  key of (seed, host, e, window) (see `shuffled_epochs`); each example's augmentation
+  seed is keyed by its position p in that stream. With a deterministic stream the
+  example at p is therefore a pure function of (seed, host, p), and resuming is exact:
+  `skip_examples = p` starts at epoch p // E (E: this host's examples per epoch), drops
+  the whole windows before p's window as encoded records, then the rest of that window
+  after permuting it, and numbers the positions from p.
 
   Args:
     file_pattern: glob (or list of globs) of TFRecord shards.
@@ -389,15 +485,16 @@ def tfrecord_stream(file_pattern, stream, read=ReadOptions(), input_context=None
   """
   stream = stream.resolved()
   files = list_shards(file_pattern)
-  if read.check_shards:
-    check_shards_readable(files)
   host = shard_for_host(files, input_context)
+  if read.check_shards:
+    check_shards_readable(host.files)
   deterministic = stream.deterministic
   if stream.skip_examples and not deterministic:
     logging.warning("skip_examples=%d with a non-deterministic stream: the resumed "
                     "stream will not match the interrupted one exactly.",
                     stream.skip_examples)
   base_key = host_stream_key(stream, input_context)
+  files_key, windows_key, augment_key = (_fold(base_key, i) for i in range(3))
 
   def interleave_shards(file_names):
     records = file_names.interleave(
@@ -408,38 +505,44 @@ def tfrecord_stream(file_pattern, stream, read=ReadOptions(), input_context=None
 
   all_files = tf.data.Dataset.from_tensor_slices(list(host.files))
   cached_records = interleave_shards(all_files).cache() if read.cache else None
-
-  def one_epoch(epoch, skip_in_epoch):
-    """This host's encoded records for one epoch: (key for augmentation, record)."""
-    key = _epoch_key(base_key, epoch)
-    if cached_records is not None:
-      records = cached_records
-    else:
-      file_names = all_files
-      if stream.is_training and read.shuffle_files:
-        file_names = _shuffled_blocks(file_names, len(host.files),
-                                      _epoch_key(key, 0))
-      records = interleave_shards(file_names)
-    if stream.is_training:
-      records = _shuffled_blocks(records, read.shuffle_buffer_size, _epoch_key(key, 1))
-    # Each record's augmentation seed: the epoch key folded with its position.
-    return records.enumerate().skip(skip_in_epoch).map(
-        lambda position, record: (_epoch_key(_epoch_key(key, 2), position), record))
+  first_position = 0
 
   if stream.is_training:
-    # Whole epochs are skipped by starting at a later epoch index, the rest inside it.
-    skip = stream.skip_examples
-    per_epoch = examples_per_epoch(host) if skip else None
-    first_epoch, skip_in_first = divmod(skip, per_epoch) if per_epoch else (0, 0)
-    records = tf.data.Dataset.counter(first_epoch).flat_map(
-        lambda epoch: one_epoch(
-            epoch, tf.where(epoch == first_epoch, tf.constant(skip_in_first, tf.int64),
-                            tf.constant(0, tf.int64))))
-  else:
-    records = one_epoch(tf.constant(0, tf.int64), tf.constant(0, tf.int64))
+    def epoch_records(epoch):
+      """This host's encoded records of one epoch, in read order."""
+      if cached_records is not None:
+        return cached_records
+      file_names = all_files
+      if read.shuffle_files:
+        file_names = tf.data.Dataset.from_tensors(list(host.files)).map(
+            lambda names: tf.random.experimental.stateless_shuffle(
+                names, seed=_fold(files_key, epoch))).unbatch()
+      return interleave_shards(file_names)
 
-  return records.map(
-      lambda seed, record: (seed, schema.parse_example(record, read.label_offset)),
+    # The window length must not depend on whether this run resumes, so it comes only
+    # from the listed counts; counting the records (no dataset_info.json) is done only
+    # to resume.
+    listed = dataset_info.shard_example_counts(list(host.files))
+    per_epoch = examples_of_host(host, listed) if listed else None
+    window = shuffle_window_size(per_epoch, read.shuffle_buffer_size)
+    skip = stream.skip_examples
+    if skip and per_epoch is None:
+      per_epoch = examples_per_epoch(host)
+    first_epoch, skip_in_epoch = divmod(skip, per_epoch) if skip else (0, 0)
+    records = shuffled_epochs(
+        epoch_records, first_epoch=first_epoch, window_size=window,
+        window_key=lambda epoch, index: _fold(_fold(windows_key, epoch), index),
+        skip_windows=skip_in_epoch // window)
+    records = records.skip(skip_in_epoch % window)
+    first_position = skip
+  else:
+    records = interleave_shards(all_files)
+
+  # Each record's augmentation seed: a function of its position in the uninterrupted
+  # stream, so a resumed run augments each example as the interrupted one would have.
+  return records.enumerate(first_position).map(
+      lambda position, record: (_fold(augment_key, position),
+                                schema.parse_example(record, read.label_offset)),
       num_parallel_calls=read.num_parallel_calls, deterministic=deterministic)
 
 
@@ -523,12 +626,22 @@ def batch_and_prefetch(examples, batch, deterministic):
   else:
     batches = batch_with_padding(examples, batch_size=batch.batch_size,
                                  num_batches=batch.pad_to_batches)
+  return batches.prefetch(batch.prefetch_batches).with_options(
+      dataset_options(batch, deterministic))
+
+
+def dataset_options(batch, deterministic):
+  """The `tf.data.Options` of a whole pipeline: ordering and the runtime's limits."""
   options = tf.data.Options()
   options.deterministic = deterministic
   options.experimental_optimization.map_parallelization = True
-  if batch.private_threadpool_size:
+  if batch.private_threadpool_size is not None:
     options.threading.private_threadpool_size = batch.private_threadpool_size
-  return batches.prefetch(batch.prefetch_batches).with_options(options)
+  if batch.max_intra_op_parallelism is not None:
+    options.threading.max_intra_op_parallelism = batch.max_intra_op_parallelism
+  if batch.autotune_ram_budget_bytes is not None:
+    options.autotune.ram_budget = batch.autotune_ram_budget_bytes
+  return options
 
 
 def batches_from_stream(seeded_examples, stream, preprocess, batch, *,

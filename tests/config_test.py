@@ -63,6 +63,12 @@ class BuildConfigTest(tf.test.TestCase, parameterized.TestCase):
        "data_dir", "reads no --data_dir"),
       ("negative_timeout", dict(collective_timeout_seconds=-1.0),
        "collective_timeout_seconds", "must not be negative"),
+      ("zero_ram_budget", dict(input_ram_budget_mb=0), "input_ram_budget_mb",
+       "positive"),
+      ("zero_intra_op_threads", dict(input_max_intra_op_parallelism=0),
+       "input_max_intra_op_parallelism", "positive"),
+      ("negative_input_threads", dict(input_threadpool_size=-1),
+       "input_threadpool_size", "must not be negative"),
       ("bad_shard_layout", dict(shard_weight_update="y"), "shard_weight_update",
        "choose one of off, x, xy"),
       ("sharding_without_the_torus",
@@ -72,6 +78,18 @@ class BuildConfigTest(tf.test.TestCase, parameterized.TestCase):
   def test_bad_values_name_their_flag(self, overrides, flag, message):
     with self.assertRaisesRegex(config_lib.ConfigError, f"--{flag}: .*{message}"):
       config_lib.build_config("cpu_demo", **overrides)
+
+  def test_input_settings_are_data_flags_with_tensorflow_defaults(self):
+    data_flags = {field.name: field for name, field in config_lib.setting_fields()
+                  if name == "data"}
+    self.assertIs(data_flags["deterministic_input"].default, True)
+    for name in ("input_threadpool_size", "input_max_intra_op_parallelism",
+                 "input_ram_budget_mb"):
+      self.assertIsNone(data_flags[name].default)
+    config = config_lib.build_config("cpu_demo", deterministic_input=False,
+                                     input_ram_budget_mb=512)
+    self.assertFalse(config.data.deterministic_input)
+    self.assertEqual(config.data.input_ram_budget_mb, 512)
 
   def test_unknown_preset(self):
     with self.assertRaisesRegex(config_lib.ConfigError, "--preset: unknown preset"):

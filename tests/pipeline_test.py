@@ -8,6 +8,7 @@ import dataclasses  # pylint: disable=g-import-not-at-top,wrong-import-position
 import functools
 import io
 import os
+import time
 
 import numpy as np
 import tensorflow as tf
@@ -16,6 +17,7 @@ from PIL import Image
 
 import input_pipeline
 from input_pipeline import dataset_info
+from input_pipeline import pipeline
 from input_pipeline import preprocessing
 from input_pipeline import schema
 from input_pipeline import tfds_source
@@ -170,6 +172,8 @@ class PipelineTest(tf.test.TestCase, parameterized.TestCase):
       ("files_per_host", 3, 5, 2, 2, 2, True),
       ("uneven_hosts", 5, 3, 3, 1, 2, True),
       ("records_per_host", 1, 7, 2, 2, 1, True),
+      # Files 0 and 1 over 3 hosts: hosts 0 and 2 split file 0, host 1 reads file 1.
+      ("fewer_files_than_hosts", 2, 5, 3, 1, 2, True),
       ("counted_without_info", 4, 3, 2, 1, 4, False),
       ("one_host", 2, 9, 1, 4, 2, True))
   def test_multi_host_padded_eval_covers_every_example_once(
@@ -353,6 +357,50 @@ class PipelineTest(tf.test.TestCase, parameterized.TestCase):
     with self.assertRaisesRegex(input_pipeline.DataError, "train-99999-of-99999"):
       self._dataset(os.path.join(self.get_temp_dir(), "train-*"))
 
+  def test_each_host_checks_only_its_own_shards(self):
+    # Files 0-2 good, file 3 a JPEG where a TFRecord file should be: with 2 hosts it
+    # is host 1's (files 1 and 3); host 0 (files 0 and 2) never opens it.
+    _write_shards(self.get_temp_dir(), 3, 2)
+    bad = os.path.join(self.get_temp_dir(), "train-99999-of-99999")
+    with open(bad, "wb") as f:
+      f.write(_jpeg(0))
+    pattern = os.path.join(self.get_temp_dir(), "train-*")
+    stream = input_pipeline.StreamOptions(is_training=False)
+    host_0 = input_pipeline.tfrecord_stream(pattern, stream,
+                                            input_context=_host_context(2, 0))
+    self.assertCountEqual([int(example["label"]) for _, example in host_0],
+                          [0, 1, 4, 5])
+    with self.assertRaisesRegex(input_pipeline.DataError, "train-99999-of-99999"):
+      input_pipeline.tfrecord_stream(pattern, stream, input_context=_host_context(2, 1))
+
+  def test_shard_check_names_the_first_bad_file_in_order(self):
+    directory = self.get_temp_dir()
+    pattern = _write_shards(directory, 5, 1)
+    files = pipeline.list_shards(pattern)
+    for name in ("train-00002-of-00005", "train-00004-of-00005"):
+      with open(os.path.join(directory, name), "wb") as f:
+        f.write(b"not a record file, long enough to hold a record header")
+    with self.assertRaisesRegex(input_pipeline.DataError, "train-00002-of-00005"):
+      pipeline.check_shards_readable(files, max_parallel_reads=4)
+    pipeline.check_shards_readable(files[:2] + files[3:4])
+
+  def test_runtime_limits_are_the_pipelines_options(self):
+    pattern = _write_shards(self.get_temp_dir(), 1, 4)
+    options = self._dataset(pattern, private_threadpool_size=3,
+                            max_intra_op_parallelism=1,
+                            autotune_ram_budget_bytes=256 << 20).options()
+    self.assertEqual(options.threading.private_threadpool_size, 3)
+    self.assertEqual(options.threading.max_intra_op_parallelism, 1)
+    self.assertEqual(options.autotune.ram_budget, 256 << 20)
+    self.assertTrue(options.deterministic)
+    # Unset, they stay TensorFlow's defaults.
+    defaults, tf_defaults = self._dataset(pattern).options(), tf.data.Options()
+    self.assertEqual(defaults.threading.private_threadpool_size,
+                     tf_defaults.threading.private_threadpool_size)
+    self.assertEqual(defaults.threading.max_intra_op_parallelism,
+                     tf_defaults.threading.max_intra_op_parallelism)
+    self.assertEqual(defaults.autotune.ram_budget, tf_defaults.autotune.ram_budget)
+
   def test_bfloat16_output(self):
     pattern = _write_shards(self.get_temp_dir(), 1, 4)
     images, _ = next(iter(self._dataset(pattern, is_training=True, dtype=tf.bfloat16)))
@@ -374,6 +422,155 @@ class PipelineTest(tf.test.TestCase, parameterized.TestCase):
     self.assertLen(per_replica, 2)
     self.assertEqual(per_replica[0].shape, (4, IMAGE_SIZE, IMAGE_SIZE, 3))
     self.assertEqual(strategy.experimental_local_results(labels)[1].shape, (4,))
+
+
+def _stream_labels_and_seeds(pattern, count, **options):
+  """The first `count` (labels, seeds) of a seeded training record stream (no decode)."""
+  read = input_pipeline.ReadOptions(**options.pop("read", {}))
+  stream = input_pipeline.StreamOptions(is_training=True, shuffle_seed=7, **options)
+  labels, seeds = [], []
+  for seed, example in input_pipeline.tfrecord_stream(pattern, stream, read).take(count):
+    labels.append(int(example["label"]))
+    seeds.append(seed.numpy().tolist())
+  return np.array(labels), seeds
+
+
+class TrainingStreamTest(tf.test.TestCase, parameterized.TestCase):
+  """The endless training stream: windows per epoch, read ahead, resumed exactly."""
+
+  @parameterized.parameters((12, 5, 4), (12, 100, 12), (10_001, 10_000, 5001),
+                            (1_000_001, 10_000, 9901), (None, 7, 7), (12, 12, 12))
+  def test_windows_cut_an_epoch_evenly(self, per_epoch, buffer, expected):
+    self.assertEqual(pipeline.shuffle_window_size(per_epoch, buffer),
+                     expected)
+
+  def test_buffer_larger_than_an_epoch_still_gives_each_example_once_per_epoch(self):
+    pattern = _write_shards(self.get_temp_dir(), 3, 4)
+    labels, _ = _stream_labels_and_seeds(pattern, 48,
+                                         read=dict(shuffle_buffer_size=100))
+    epochs = labels.reshape(4, 12)
+    for epoch in epochs:
+      self.assertCountEqual(epoch, range(12))
+    self.assertLen({tuple(epoch) for epoch in epochs}, 4)  # reshuffled every epoch
+
+  @parameterized.product(skip=(3, 4, 11, 12, 17, 30), with_info=(True, False))
+  def test_resume_inside_and_across_epoch_boundaries_is_exact(self, skip, with_info):
+    # 12 examples per epoch in windows of 4 (listed counts) or 5 (unlisted: the last
+    # window of each epoch is 2).
+    pattern = _write_shards(self.get_temp_dir(), 3, 4, write_info=with_info)
+    read = dict(shuffle_buffer_size=5)
+    labels, seeds = _stream_labels_and_seeds(pattern, 50, read=read)
+    resumed_labels, resumed_seeds = _stream_labels_and_seeds(
+        pattern, 20, read=read, skip_examples=skip)
+    self.assertAllEqual(resumed_labels, labels[skip:skip + 20])
+    self.assertEqual(resumed_seeds, seeds[skip:skip + 20])
+    for epoch in labels[:36].reshape(3, 12):
+      self.assertCountEqual(epoch, range(12))
+
+  def test_next_epoch_is_read_while_the_last_window_is_consumed(self):
+    # Epochs of 12 records in two windows of 6. A window must be read whole before its
+    # first record can come out; the stream reads epoch 1's first window as soon as
+    # epoch 0's last one is taken, so it does not stop at the boundary. (Restarting the
+    # read-ahead per epoch would read nothing of epoch 1 until its first record is
+    # asked for: 12 records read here instead of 18.)
+    read_count = []
+
+    def epoch_records(epoch):
+      def note(value):
+        read_count.append(1)
+        return value
+      return tf.data.Dataset.range(12).map(
+          lambda i: tf.py_function(note, [epoch * 100 + i], tf.int64))
+
+    records = pipeline.shuffled_epochs(
+        epoch_records, first_epoch=0, window_size=6,
+        window_key=lambda epoch, window: tf.stack([epoch, window]))
+    # Only the stream's own read-ahead: none injected by tf.data's autotuning.
+    options = tf.data.Options()
+    options.experimental_optimization.inject_prefetch = False
+    options.autotune.enabled = False
+    iterator = iter(records.with_options(options))
+    first = [int(next(iterator)) for _ in range(7)]  # into epoch 0's last window
+    for _ in range(200):
+      if len(read_count) >= 18:
+        break
+      time.sleep(0.05)
+    self.assertLen(read_count, 18)
+    rest = [int(next(iterator)) for _ in range(17)]
+    self.assertCountEqual((first + rest)[:12], range(12))
+    self.assertCountEqual((first + rest)[12:], range(100, 112))
+
+
+class PodAssignmentTest(tf.test.TestCase):
+  """Shard assignment for a simulated 1024-host pod, on file names only."""
+
+  NUM_HOSTS = 1024
+
+  def _contexts(self):
+    return [tf.distribute.InputContext(num_input_pipelines=self.NUM_HOSTS,
+                                       input_pipeline_id=host,
+                                       num_replicas_in_sync=4 * self.NUM_HOSTS)
+            for host in range(self.NUM_HOSTS)]
+
+  def _records_read(self, shards, examples_per_file):
+    """{(file, record)} each host keeps, by host; and the files each host opens."""
+    kept = []
+    for shard in shards:
+      records = [(path, index) for path in shard.files
+                 for index in range(examples_per_file[path])]
+      kept.append(records[shard.record_shard_index::shard.num_record_shards])
+    return kept
+
+  def _check_partition(self, files, examples_per_file):
+    shards = [pipeline.shard_for_host(files, context)
+              for context in self._contexts()]
+    kept = self._records_read(shards, examples_per_file)
+    everything = [record for records in kept for record in records]
+    self.assertLen(everything, sum(examples_per_file.values()))
+    self.assertLen(set(everything), len(everything))  # each record once
+    # No host opens more than its ceil share of the files.
+    most_files = -(-len(files) // self.NUM_HOSTS)
+    self.assertLessEqual(max(len(shard.files) for shard in shards), most_files)
+    counts = pipeline.example_counts_by_host(files, examples_per_file,
+                                                            self.NUM_HOSTS)
+    self.assertEqual(counts, [len(records) for records in kept])
+    return counts
+
+  def test_imagenet_training_over_1024_hosts(self):
+    files = [f"train-{i:05d}-of-01024" for i in range(1024)]
+    # 1,281,167 examples: 1024 * 1251 = 1,281,024, and one more in each of the first
+    # 143 files.
+    examples_per_file = {path: 1251 + (i < 143) for i, path in enumerate(files)}
+    self.assertEqual(sum(examples_per_file.values()), 1_281_167)
+    counts = self._check_partition(files, examples_per_file)
+    self.assertEqual(sorted(set(counts)), [1251, 1252])
+
+  def test_imagenet_validation_over_1024_hosts_scores_each_example_once(self):
+    files = [f"validation-{i:05d}-of-00128" for i in range(128)]
+    examples_per_file = {path: 390 + (i < 80) for i, path in enumerate(files)}
+    self.assertEqual(sum(examples_per_file.values()), 50_000)
+    counts = self._check_partition(files, examples_per_file)
+    # 8 hosts share each file: 48 or 49 examples each, instead of every host
+    # reading all 128 files to keep 1/1024 of them.
+    self.assertEqual(sorted(set(counts)), [48, 49])
+    global_batch = 4 * self.NUM_HOSTS  # 4 replicas per host, 1 example each
+    steps = input_pipeline.padded_eval_steps(counts, global_batch)
+    self.assertEqual(steps, 13)  # ceil(49 / 4)
+    # Each host's padded batches hold all of its examples, and its padding only.
+    per_host_step = global_batch // self.NUM_HOSTS
+    self.assertTrue(all(count <= steps * per_host_step for count in counts))
+    self.assertEqual(sum(counts), 50_000)
+
+  def test_uneven_sharers_when_hosts_do_not_divide_over_files(self):
+    files = [f"validation-{i:05d}-of-00128" for i in range(128)]
+    examples_per_file = {path: 390 + (i < 80) for i, path in enumerate(files)}
+    shards = [pipeline.host_shard(files, 200, host)
+              for host in range(200)]
+    self.assertEqual({shard.num_record_shards for shard in shards}, {1, 2})
+    counts = pipeline.example_counts_by_host(files, examples_per_file,
+                                                            200)
+    self.assertEqual(sum(counts), 50_000)
+    self.assertTrue(all(len(shard.files) == 1 for shard in shards))
 
 
 class SkippedImageCounterTest(tf.test.TestCase):

@@ -70,6 +70,18 @@ class DataConfig:
   image_size: int = setting(32, "Height and width of the model's input.")
   num_classes: int = setting(10, "Number of classes.")
   cache_dataset: bool = setting(False, "Cache encoded records in host memory.")
+  deterministic_input: bool = setting(
+      True, "Keep the training stream's order a function of --seed and the position, so "
+      "a resumed run continues the interrupted run's stream exactly. False lets a slow "
+      "read be overtaken (faster input); resuming is then approximate.")
+  input_threadpool_size: Optional[int] = setting(
+      None, "Threads of a tf.data pool of the input pipeline's own (default: "
+      "TensorFlow's shared pool; 0: sized by TensorFlow from the host's cores).")
+  input_max_intra_op_parallelism: Optional[int] = setting(
+      None, "Threads one tf.data op may use inside itself (default: TensorFlow's).")
+  input_ram_budget_mb: Optional[int] = setting(
+      None, "MiB the tf.data autotuner may spend on buffers (default: TensorFlow's, "
+      "half the host's RAM).")
 
   def check(self):
     _require(self.dataset in DATASETS or (self.dataset.startswith("tfds/")
@@ -93,6 +105,12 @@ class DataConfig:
                f"directory {self.data_dir!r} does not exist; pass the folder that "
                "holds the train-*/validation-* shards")
     _check_positive(self, "image_size")
+    for name in ("input_max_intra_op_parallelism", "input_ram_budget_mb"):
+      if getattr(self, name) is not None:
+        _check_positive(self, name)
+    _require(self.input_threadpool_size is None or self.input_threadpool_size >= 0,
+             "input_threadpool_size",
+             f"must not be negative, got {self.input_threadpool_size}")
     _require(self.num_classes >= 2, "num_classes",
              f"must be at least 2, got {self.num_classes}")
 

@@ -13,6 +13,7 @@ import functools
 import os
 
 import tensorflow as tf
+from absl import logging
 
 import input_pipeline
 from input_pipeline import dataset_info as dataset_info_lib
@@ -102,6 +103,33 @@ def with_label_check(dataset, num_classes):
 LABEL_OUT_OF_RANGE = "label outside [0, --num_classes):"
 
 
+def train_stream_options(config, input_context, start_step):
+  """The training stream of a `SourceSettings`: seeded, positioned at `start_step`.
+
+  --deterministic_input (default) keeps the order a function of the seed and the
+  position, so a run resumed at `start_step` reads what the interrupted run would have.
+  """
+  if not config.data.deterministic_input:
+    logging.warning("--nodeterministic_input: the training stream's order depends on "
+                    "read timing, so a resumed run does not continue the interrupted "
+                    "run's stream exactly (resume is approximate).")
+  return input_pipeline.StreamOptions(
+      is_training=True, shuffle_seed=config.loop.seed,
+      deterministic=config.data.deterministic_input,
+      skip_examples=_per_host_examples(input_context, config.loop.train_batch_size,
+                                       start_step))
+
+
+def batch_options(config, per_replica_batch_size, pad_to_batches=None):
+  """`BatchOptions` with the config's tf.data runtime limits."""
+  ram_budget_mb = config.data.input_ram_budget_mb
+  return input_pipeline.BatchOptions(
+      per_replica_batch_size, pad_to_batches=pad_to_batches,
+      private_threadpool_size=config.data.input_threadpool_size,
+      max_intra_op_parallelism=config.data.input_max_intra_op_parallelism,
+      autotune_ram_budget_bytes=None if ram_budget_mb is None else ram_budget_mb << 20)
+
+
 def _stream_source(config, make_stream, *, num_train, num_eval, eval_host_counts,
                    area_range=input_pipeline.IMAGENET_AREA_RANGE,
                    check_labels_in_stream=True):
@@ -131,19 +159,16 @@ def _stream_source(config, make_stream, *, num_train, num_eval, eval_host_counts
     return dataset
 
   def make_train_dataset(input_context, start_step):
-    stream = input_pipeline.StreamOptions(
-        is_training=True, shuffle_seed=config.loop.seed,
-        skip_examples=_per_host_examples(input_context, config.loop.train_batch_size,
-                                         start_step))
-    batch = input_pipeline.BatchOptions(
-        input_context.get_per_replica_batch_size(config.loop.train_batch_size))
+    stream = train_stream_options(config, input_context, start_step)
+    batch = batch_options(
+        config, input_context.get_per_replica_batch_size(config.loop.train_batch_size))
     return batches(stream, batch, input_context)
 
   eval_steps = _padded_eval_steps_fn(eval_host_counts, config.loop.eval_batch_size)
 
   def make_eval_dataset(input_context):
-    batch = input_pipeline.BatchOptions(
-        input_context.get_per_replica_batch_size(config.loop.eval_batch_size),
+    batch = batch_options(
+        config, input_context.get_per_replica_batch_size(config.loop.eval_batch_size),
         pad_to_batches=_eval_batches_per_host(input_context, eval_steps(input_context)))
     return batches(input_pipeline.StreamOptions(is_training=False), batch,
                    input_context)

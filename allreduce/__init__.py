@@ -13,4 +13,5 @@ from allreduce.topology import parse_grid
 from allreduce.topology import replica_coordinates
 from allreduce.torus_aggregator import DEFAULT_PACK_SIZE_BYTES
 from allreduce.torus_aggregator import TorusGradientAggregator
+from allreduce.torus_aggregator import make_packed_strategy_aggregator
 from allreduce.torus_aggregator import make_torus_aggregator

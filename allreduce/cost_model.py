@@ -361,52 +361,80 @@ def square_grid_steps(num_replicas: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class MeasuredFit:
-  """alpha and beta fitted to measured all-reduce times (see `fit_alpha_beta`).
+  """The model's parameters fitted to measured aggregations (`fit_alpha_beta`).
 
   Attributes:
     seconds_per_call: alpha, per collective op a replica issues (on CPU the launch
       and rendezvous of an op, not a hop: the logical devices share one memory).
     seconds_per_byte: beta, per byte a replica sends (on CPU a memory copy and the
       local sum of what was received).
+    seconds_per_tensor: per gradient tensor of the aggregation: its copy into a pack
+      and back out, ops launched per tensor whatever the grid.
   """
   seconds_per_call: float
   seconds_per_byte: float
+  seconds_per_tensor: float = 0.0
 
-  def predict(self, counts) -> float:
-    """Seconds for the all-reduces `counts` (one AllReduceCounts per pack), in
-    sequence."""
-    return sum(c.collective_calls * self.seconds_per_call
-               + c.bytes_sent * self.seconds_per_byte for c in counts)
+  def predict(self, counts, num_tensors: int = 0) -> float:
+    """Seconds for one aggregation of `num_tensors` tensors sent as the packs
+    `counts` (one AllReduceCounts per pack, in sequence)."""
+    return (sum(c.collective_calls * self.seconds_per_call
+                + c.bytes_sent * self.seconds_per_byte for c in counts)
+            + num_tensors * self.seconds_per_tensor)
 
 
-def fit_alpha_beta(samples) -> MeasuredFit:
-  """Least-squares alpha and beta from [(per-pack AllReduceCounts, seconds), ...].
+def _solve(matrix, vector):
+  """x with matrix @ x = vector, by Gaussian elimination (a few unknowns)."""
+  n = len(vector)
+  rows = [list(matrix[i]) + [vector[i]] for i in range(n)]
+  for col in range(n):
+    pivot = max(range(col, n), key=lambda r: abs(rows[r][col]))
+    if abs(rows[pivot][col]) < 1e-12 * max(1.0, max(abs(v) for v in rows[pivot])):
+      raise CostModelError("the samples do not separate the parameters: measure "
+                           "at least two payload sizes and two grids")
+    rows[col], rows[pivot] = rows[pivot], rows[col]
+    for r in range(n):
+      if r != col:
+        factor = rows[r][col] / rows[col][col]
+        rows[r] = [a - factor * b for a, b in zip(rows[r], rows[col])]
+  return [rows[i][n] / rows[i][i] for i in range(n)]
+
+
+def fit_alpha_beta(samples, per_tensor: bool = False) -> MeasuredFit:
+  """Least-squares parameters from [(per-pack AllReduceCounts, num_tensors,
+  seconds), ...].
 
   Each sample is one measured aggregation: the counts of every pack it sent (as
-  `torus_allreduce_counts` gives them for the packs the aggregator planned) and its
-  time. Relative errors are minimised (each row divided by its time), so small
-  and large payloads weigh alike.
+  `torus_allreduce_counts` gives them for the packs the aggregator planned), how many
+  tensors it summed, and its time. `per_tensor` also fits `seconds_per_tensor`.
+  Relative errors are minimised (each row divided by its time), so small and large
+  payloads weigh alike.
   """
   rows = []
-  for counts, seconds in samples:
+  for counts, num_tensors, seconds in samples:
     if seconds <= 0:
       raise CostModelError(f"measured time must be positive, got {seconds}")
-    calls = sum(c.collective_calls for c in counts)
-    sent = sum(c.bytes_sent for c in counts)
-    rows.append((calls / seconds, sent / seconds))
-  # Normal equations of min sum (a * calls + b * bytes) / t - 1)^2.
-  saa = sum(a * a for a, _ in rows)
-  sab = sum(a * b for a, b in rows)
-  sbb = sum(b * b for _, b in rows)
-  sa = sum(a for a, _ in rows)
-  sb = sum(b for _, b in rows)
-  determinant = saa * sbb - sab * sab
-  if len(rows) < 2 or abs(determinant) <= 1e-12 * saa * sbb:
-    raise CostModelError("the samples do not separate alpha from beta: measure at "
-                         "least two payload sizes or grids")
-  alpha = (sa * sbb - sb * sab) / determinant
-  beta = (sb * saa - sa * sab) / determinant
-  return MeasuredFit(seconds_per_call=alpha, seconds_per_byte=beta)
+    features = [sum(c.collective_calls for c in counts),
+                sum(c.bytes_sent for c in counts)]
+    if per_tensor:
+      features.append(num_tensors)
+    rows.append([f / seconds for f in features])
+  unknowns = len(rows[0]) if rows else 0
+  if len(rows) < unknowns or not rows:
+    raise CostModelError("the samples do not separate the parameters: measure at "
+                         "least two payload sizes and two grids")
+  # Normal equations of min sum (features . params / t - 1)^2.
+  gram = [[sum(r[i] * r[j] for r in rows) for j in range(unknowns)]
+          for i in range(unknowns)]
+  moments = [sum(r[i] for r in rows) for i in range(unknowns)]
+  # Scale columns to 1 so the pivot test compares like with like.
+  scale = [gram[i][i] ** 0.5 or 1.0 for i in range(unknowns)]
+  scaled = _solve([[gram[i][j] / (scale[i] * scale[j]) for j in range(unknowns)]
+                   for i in range(unknowns)],
+                  [moments[i] / scale[i] for i in range(unknowns)])
+  params = [p / scale[i] for i, p in enumerate(scaled)] + [0.0]
+  return MeasuredFit(seconds_per_call=params[0], seconds_per_byte=params[1],
+                     seconds_per_tensor=params[2])
 
 
 # TPU v3 HBM bandwidth per chip: Cloud TPU system architecture page (v3: 32 GiB HBM

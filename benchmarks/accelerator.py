@@ -209,7 +209,7 @@ def build_arm(args, arm, strategy, input_kind, jit_compile, work_dir, records_di
 
     def run_trainer(steps):
       del trainer_log.sink[:]
-      trainer.total_steps = trainer.step + steps
+      trainer.extend_run(steps)
       trainer_log.capturing = True
       try:
         trainer.train()

@@ -101,13 +101,12 @@ def main(argv=None):
 
   # The headline baseline: the strategy told to pack like the torus does. Keras'
   # default aggregator calls all_reduce without options (one pack).
+  packed = allreduce.make_packed_strategy_aggregator(allreduce.DEFAULT_PACK_SIZE_BYTES)
+
   @tf.function
   def strategy_packed_sum(grads):
-    options = tf.distribute.experimental.CommunicationOptions(
-        bytes_per_pack=allreduce.DEFAULT_PACK_SIZE_BYTES)
     return strategy.run(
-        lambda *g: tf.distribute.get_replica_context().all_reduce(
-            tf.distribute.ReduceOp.SUM, list(g), options=options), args=grads)
+        lambda *g: [s for s, _ in packed([(t, None) for t in g])], args=grads)
 
   contenders = {"strategy": strategy_sum}
   grids = args.grids.split(",")

@@ -6,7 +6,8 @@ Times the torus aggregator on 8 logical CPUs for every grid in `--fit_grids` and
 same list at 1/`--small_divisor` of the size), alternating run by run. The model's
 counts are those of the packs the aggregator really plans (`plan`), priced per pack
 with `cost_model.torus_allreduce_counts(backend="collective_ops")`. alpha (seconds per
-collective op) and beta (seconds per byte sent) are fitted on the fit grids only
+collective op), beta (seconds per byte sent) and a cost per tensor (packing and
+unpacking, the same on every grid) are fitted on the fit grids only
 (`cost_model.fit_alpha_beta`); the held-out grid is then predicted.
 
 Also prints, from the same model at pod scale, the step time that sharding ResNet-50's
@@ -89,17 +90,20 @@ def main(argv=None):
       del out
   medians = {key: statistics.median(t) for key, t in times.items()}
 
+  num_tensors = {payload: len(sizes) for payload, sizes in payloads.items()}
   fit = cost_model.fit_alpha_beta(
-      [(contenders[key][2], medians[key]) for key in contenders
-       if key[0] != args.held_out_grid])
+      [(contenders[key][2], num_tensors[key[1]], medians[key]) for key in contenders
+       if key[0] != args.held_out_grid], per_tensor=True)
   print(f"torus aggregator on {NUM_REPLICAS} logical CPUs ({os.cpu_count()} cores), "
         f"median of {args.runs} runs; fitted on {args.fit_grids}:")
   print(f"  alpha {fit.seconds_per_call * 1e3:.3f} ms per collective op, "
         f"beta {fit.seconds_per_byte * 1e9:.3f} ns per byte sent "
-        f"({1 / fit.seconds_per_byte / 1e9:.2f} GB/s)")
+        f"({1 / fit.seconds_per_byte / 1e9 if fit.seconds_per_byte > 0 else 0:.2f} "
+        "GB/s), "
+        f"{fit.seconds_per_tensor * 1e3:.3f} ms per tensor")
   held_out_errors = []
   for (grid, payload), (_, _, counts) in contenders.items():
-    predicted = fit.predict(counts)
+    predicted = fit.predict(counts, num_tensors[payload])
     error = predicted / medians[(grid, payload)] - 1
     role = "held out" if grid == args.held_out_grid else "fitted"
     if grid == args.held_out_grid:

@@ -18,6 +18,15 @@ rebuilds the input stream and saves a checkpoint at the end), for Keras one `fit
 (which rebuilds its input stream). The median round gives each side's images/s. Last
 line: `trainer_vs_keras: <trainer images/s / keras images/s>x`.
 
+`--compare=updates` instead times whole LARS steps of three trainers built alike but
+for the summation and the update: the torus with every replica updating every weight
+("unsharded"), the torus with the update sharded over x ("sharded", with the overlap
+of summation and backprop), and the strategy's all-reduce packed into the same
+buffers ("packed_strategy"). Per-step times come from the trainer's own progress
+lines, each call's first step left out; it prints the optimizer-slot bytes per replica
+of each, then `torus_step_vs_packed_strategy_step: <sharded / packed strategy>x` and,
+last, `sharded_update_speedup: <unsharded / sharded>x`.
+
 Grappler is off by default, for both sides: rewriting the graph of 8 replicas of
 ResNet-50 takes minutes on two cores. `--grappler` turns it back on.
 
@@ -49,16 +58,79 @@ from training import strategy as strategy_lib
 NUM_REPLICAS = 8
 
 
-def build_project_trainer(args, strategy, model_dir, data_root):
+def build_project_trainer(args, strategy, model_dir, data_root, **overrides):
   """The project's trainer on the digits written once under `data_root`."""
-  config = config_lib.build_config(
-      "cpu_demo", model_dir=model_dir, image_size=args.image_size,
+  settings = dict(
+      model_dir=model_dir, image_size=args.image_size,
       resnet_depth=50, resnet_width=64, train_batch_size=args.global_batch,
       eval_batch_size=args.global_batch, bn_group_size=2, torus_shape=(2, 4),
       allreduce="torus", train_steps=args.warmup_steps, log_every_steps=1,
       checkpoint_every_steps=10**6)
+  settings.update(overrides)
+  config = config_lib.build_config("cpu_demo", **settings)
   data = data_sources.data_source_for(config.data, config.loop, scratch_dir=data_root)
   return data, run_lib.build_trainer(config, strategy, data=data)
+
+
+# --compare=updates: whole LARS steps of three trainers that differ only in how the
+# gradients are summed and the weights updated.
+UPDATE_CONTENDERS = {
+    "unsharded": dict(allreduce="torus", shard_weight_update="off"),
+    "sharded": dict(allreduce="torus", shard_weight_update="x"),
+    "packed_strategy": dict(allreduce="strategy", shard_weight_update="off"),
+}
+
+
+def optimizer_slot_bytes(trainer):
+  """Bytes of optimizer slots one replica works with (a sharded update's shards)."""
+  optimizer = trainer.model.optimizer
+  if hasattr(optimizer, "slot_bytes_per_replica"):
+    return optimizer.slot_bytes_per_replica()["shards"]
+  return sum(v.shape.num_elements() * v.dtype.size for v in optimizer.variables()
+             if v is not optimizer.iterations)
+
+
+def compare_updates(args, strategy, work_dir):
+  """Times whole steps of UPDATE_CONTENDERS side by side; prints the two ratios."""
+  step_seconds = {name: [] for name in UPDATE_CONTENDERS}
+  active = {"name": None}
+
+  class StepTimes(logging_lib.Handler):
+    def emit(self, record):
+      match = re.search(r"([0-9.]+) s/step", record.getMessage())
+      if match and active["name"]:
+        step_seconds[active["name"]].append(float(match.group(1)))
+
+  absl_logger = logging_lib.getLogger("absl")
+  absl_logger.addHandler(StepTimes())
+  absl_logger.propagate = False
+  absl_logger.setLevel(logging_lib.INFO)
+
+  trainers = {}
+  for name, overrides in UPDATE_CONTENDERS.items():
+    started = time.perf_counter()
+    _, trainers[name] = build_project_trainer(
+        args, strategy, os.path.join(work_dir, name), work_dir, optimizer="lars",
+        **overrides)
+    trainers[name].train()
+    print(f"  {name}: built, traced and ran {args.warmup_steps} steps in "
+          f"{time.perf_counter() - started:.0f} s", flush=True)
+  for _ in range(args.rounds):
+    for name, trainer in trainers.items():
+      trainer.extend_run(args.steps_per_round)
+      active["name"] = name
+      first = len(step_seconds[name])
+      trainer.train()
+      active["name"] = None
+      del step_seconds[name][first]  # the call's first step also starts the input
+  medians = {name: statistics.median(t) for name, t in step_seconds.items()}
+  for name, trainer in trainers.items():
+    print(f"  {name:>15}: {medians[name]:.3f} s/step (median of "
+          f"{len(step_seconds[name])} steps), optimizer slots "
+          f"{optimizer_slot_bytes(trainer):,} bytes per replica", flush=True)
+  print("torus_step_vs_packed_strategy_step: "
+        f"{medians['sharded'] / medians['packed_strategy']:.2f}x")
+  print(f"sharded_update_speedup: {medians['unsharded'] / medians['sharded']:.2f}x")
 
 
 def build_keras_model(args, strategy):
@@ -81,6 +153,10 @@ def main(argv=None):
   parser.add_argument("--steps_per_round", type=int, default=6)
   parser.add_argument("--grappler", action="store_true",
                       help="keep grappler's graph rewrites (minutes per model)")
+  parser.add_argument("--compare", choices=("keras", "updates"), default="keras",
+                      help="keras: the trainer against plain Keras; updates: LARS "
+                      "steps unsharded, sharded and with the packed strategy "
+                      "all-reduce")
   args = parser.parse_args(argv)
 
   # Before any TensorFlow op: the CPU can be split only once per process.
@@ -98,6 +174,9 @@ def main(argv=None):
         f"{args.steps_per_round} steps per side; grappler "
         f"{'on' if args.grappler else 'off'}", flush=True)
   work_dir = tempfile.mkdtemp(prefix="train_step_")
+  if args.compare == "updates":
+    compare_updates(args, strategy, work_dir)
+    return
   started = time.perf_counter()
   data, trainer = build_project_trainer(
       args, strategy, os.path.join(work_dir, "trainer"), work_dir)
@@ -143,7 +222,7 @@ def main(argv=None):
       step_seconds["keras"].append(time.perf_counter() - self.started)
 
   def run_trainer():
-    trainer.total_steps = trainer.step + args.steps_per_round
+    trainer.extend_run(args.steps_per_round)
     capture["on"] = True
     trainer.train()
     capture["on"] = False

@@ -70,7 +70,7 @@ class BuildConfigTest(tf.test.TestCase, parameterized.TestCase):
       ("negative_input_threads", dict(input_threadpool_size=-1),
        "input_threadpool_size", "must not be negative"),
       ("bad_shard_layout", dict(shard_weight_update="y"), "shard_weight_update",
-       "choose one of off, x, xy"),
+       "choose one of auto, off, x, xy"),
       ("sharding_without_the_torus",
        dict(shard_weight_update="xy", allreduce="strategy"), "shard_weight_update",
        "use --allreduce=torus"),
@@ -78,6 +78,17 @@ class BuildConfigTest(tf.test.TestCase, parameterized.TestCase):
   def test_bad_values_name_their_flag(self, overrides, flag, message):
     with self.assertRaisesRegex(config_lib.ConfigError, f"--{flag}: .*{message}"):
       config_lib.build_config("cpu_demo", **overrides)
+
+  def test_weight_update_sharding_auto_resolves_by_all_reduce_and_device(self):
+    def shards(**overrides):
+      return config_lib.build_config(
+          "cpu_demo", **overrides).distribution.weight_update_shards
+    self.assertEqual(shards(), "xy")
+    self.assertEqual(shards(allreduce="strategy"), "off")
+    self.assertEqual(shards(shard_weight_update="x"), "x")
+    self.assertEqual(shards(shard_weight_update="off"), "off")
+    self.assertEqual(config_lib.DistributionConfig(tpu="local").weight_update_shards,
+                     "off")
 
   def test_input_settings_are_data_flags_with_tensorflow_defaults(self):
     data_flags = {field.name: field for name, field in config_lib.setting_fields()

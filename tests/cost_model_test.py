@@ -203,43 +203,54 @@ class TimeTest(tf.test.TestCase, parameterized.TestCase):
 
 
 class MeasuredFitTest(tf.test.TestCase):
-  """Fitting alpha and beta to measured times, and the sharded-update saving."""
+  """Fitting the model's parameters to measured times, and the sharded saving."""
 
-  def _samples(self, alpha, beta, grids_and_sizes):
+  def _samples(self, params, grids_and_sizes, num_tensors=0):
     samples = []
     for (x, y), sizes in grids_and_sizes:
       counts = [cost_model.torus_allreduce_counts(x, y, n) for n in sizes]
-      seconds = sum(c.collective_calls * alpha + c.bytes_sent * beta for c in counts)
-      samples.append((counts, seconds))
+      samples.append((counts, num_tensors, cost_model.MeasuredFit(*params).predict(
+          counts, num_tensors)))
     return samples
 
-  def test_recovers_alpha_and_beta_and_predicts_a_held_out_grid(self):
-    alpha, beta = 2e-4, 3e-10
-    samples = self._samples(alpha, beta, [((1, 8), [1 << 22] * 3),
-                                          ((2, 4), [1 << 16]),
-                                          ((8, 1), [1 << 24, 1 << 20])])
-    fit = cost_model.fit_alpha_beta(samples)
-    self.assertAllClose(fit.seconds_per_call, alpha, rtol=1e-9)
-    self.assertAllClose(fit.seconds_per_byte, beta, rtol=1e-9)
+  def test_recovers_the_parameters_and_predicts_a_held_out_grid(self):
+    params = (2e-4, 3e-10, 1e-5)
+    samples = self._samples(params, [((1, 8), [1 << 22] * 3), ((2, 4), [1 << 16]),
+                                     ((8, 1), [1 << 24, 1 << 20])], num_tensors=161)
+    samples += self._samples(params, [((1, 8), [1 << 12])], num_tensors=10)
+    fit = cost_model.fit_alpha_beta(samples, per_tensor=True)
+    self.assertAllClose([fit.seconds_per_call, fit.seconds_per_byte,
+                         fit.seconds_per_tensor], params, rtol=1e-6)
     held_out = [cost_model.torus_allreduce_counts(4, 2, 1 << 23)] * 2
-    want = 2 * (held_out[0].collective_calls * alpha + held_out[0].bytes_sent * beta)
-    self.assertAllClose(fit.predict(held_out), want, rtol=1e-9)
+    want = (2 * (held_out[0].collective_calls * 2e-4 + held_out[0].bytes_sent * 3e-10)
+            + 161 * 1e-5)
+    self.assertAllClose(fit.predict(held_out, 161), want, rtol=1e-6)
+
+  def test_without_a_per_tensor_term(self):
+    samples = self._samples((1e-4, 1e-9, 0.0), [((2, 4), [1 << 10]),
+                                                ((1, 8), [1 << 22])])
+    fit = cost_model.fit_alpha_beta(samples)
+    self.assertAllClose([fit.seconds_per_call, fit.seconds_per_byte], [1e-4, 1e-9],
+                        rtol=1e-6)
+    self.assertEqual(fit.seconds_per_tensor, 0.0)
 
   def test_minimises_relative_error(self):
     # Two exact small samples and one large one 10% slow: the fit stays near the
     # small ones' parameters instead of being pulled by the large one's seconds.
-    alpha, beta = 1e-4, 1e-9
-    samples = self._samples(alpha, beta, [((2, 4), [1 << 10]), ((1, 8), [1 << 12])])
-    (big_counts, big_seconds), = self._samples(alpha, beta, [((2, 4), [1 << 26])])
-    fit = cost_model.fit_alpha_beta(samples + [(big_counts, big_seconds * 1.1)])
+    params = (1e-4, 1e-9, 0.0)
+    samples = self._samples(params, [((2, 4), [1 << 10]), ((1, 8), [1 << 12])])
+    (big_counts, _, big_seconds), = self._samples(params, [((2, 4), [1 << 26])])
+    fit = cost_model.fit_alpha_beta(samples + [(big_counts, 0, big_seconds * 1.1)])
     self.assertBetween(fit.predict(big_counts) / big_seconds, 1.0, 1.1)
 
-  def test_one_kind_of_sample_cannot_separate_alpha_from_beta(self):
-    samples = self._samples(1e-4, 1e-9, [((2, 4), [1 << 20])])
+  def test_samples_that_cannot_separate_the_parameters(self):
+    samples = self._samples((1e-4, 1e-9, 0.0), [((2, 4), [1 << 20])])
     with self.assertRaisesRegex(cost_model.CostModelError, "two payload sizes"):
       cost_model.fit_alpha_beta(samples)
+    with self.assertRaisesRegex(cost_model.CostModelError, "two payload sizes"):
+      cost_model.fit_alpha_beta(samples * 3)  # the same sample thrice
     with self.assertRaisesRegex(cost_model.CostModelError, "positive"):
-      cost_model.fit_alpha_beta([(samples[0][0], 0.0)])
+      cost_model.fit_alpha_beta([(samples[0][0], 0, 0.0)])
 
   def test_sharded_update_saving(self):
     # ResNet-50's LARS state, 28 bytes per parameter at 900 GB/s: 0.795 ms a step,

@@ -165,6 +165,29 @@ class ShardLayoutTest(tf.test.TestCase, parameterized.TestCase):
     for got, want in zip(pack.from_buffer(tf.constant(buffer)), tensors):
       self.assertAllEqual(got, want)
 
+  def test_member_sums_and_scale_agree_static_and_dynamic(self):
+    sizes = [5, 17, 3, 40]
+    # Three shards of 48: the first spans three members, the second one member and
+    # padding, the third padding only.
+    pack, = torus_aggregator.plan_packs(sizes, [tf.float32] * 4, 1 << 20,
+                                        num_shards=3)
+    tensors = [tf.range(1, n + 1, dtype=tf.float32) * (i + 1)
+               for i, n in enumerate(sizes)]
+    buffer = pack.to_buffer(tensors).numpy()
+    ids = np.searchsorted(np.cumsum(pack.slots), np.arange(pack.length), side="right")
+    per_member = tf.constant([2.0, 3.0, 5.0, 7.0, 11.0])
+    length = pack.length // 3
+    self.assertEqual(length, 48)
+    for index in range(3):
+      window = slice(index * length, (index + 1) * length)
+      want_sums = np.bincount(ids[window], weights=buffer[window] ** 2, minlength=5)
+      want_scaled = buffer[window] * per_member.numpy()[ids[window]]
+      for start in (index * length, tf.constant(index * length)):
+        shard = sharded_optimizer.PackShard(pack, start, length)
+        values = tf.constant(buffer[window])
+        self.assertAllClose(shard.member_sums(values * values), want_sums)
+        self.assertAllClose(shard.scale(values, per_member), want_scaled)
+
   @parameterized.parameters(((2, 4), "x"), ((2, 4), "xy"), ((4, 2), "xy"))
   def test_shard_indices_tile_the_pack(self, grid, shards):
     sharding = make_sharding(grid, shards)

@@ -28,7 +28,7 @@ ALLREDUCE_KINDS = ("torus", "strategy")
 OPTIMIZERS = ("sgd", "lars")
 LR_DECAYS = ("polynomial", "cosine")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
-WEIGHT_UPDATE_SHARDINGS = ("off", "x", "xy")
+WEIGHT_UPDATE_SHARDINGS = ("auto", "off", "x", "xy")
 
 # A bad setting; `flag` names the command-line flag that holds it.
 ConfigError = FlagError
@@ -142,7 +142,8 @@ class DistributionConfig:
       None, "Replica grid XxY, e.g. 2x4 (default: the most square grid for the replica "
       "count; on TPU the chips' physical grid).")
   allreduce: str = setting("torus", "Gradient all-reduce: the 2-D torus, or the "
-                           "strategy's own.", ALLREDUCE_KINDS)
+                           "strategy's own (packed into --allreduce_pack_mb buffers "
+                           "too).", ALLREDUCE_KINDS)
   # The aggregator's own default (allreduce/torus_aggregator.py says why 16 MiB).
   allreduce_pack_mb: float = setting(DEFAULT_PACK_SIZE_BYTES / 2**20,
                                      "Cap on each packed gradient buffer, in MiB.")
@@ -152,12 +153,21 @@ class DistributionConfig:
       "the run on every other worker instead of hanging it (0 = TensorFlow's default).")
   jit_compile: bool = setting(False, "XLA-compile the train step (GPUs; TPUs always "
                               "compile).")
-  # Off by default until it is faster here than the unsharded update (docs/RESULTS.md).
+  # 'auto' is 'xy' with the torus: the fastest measured (docs/RESULTS.md, "Sharded
+  # weight update"), and it moves the bytes of the plain 2-D all-reduce. Not yet on
+  # TPU, where the update's run-time shard offsets have never been traced in a test.
   shard_weight_update: str = setting(
-      "off", "With the torus all-reduce: each replica applies the optimizer to 1/x "
+      "auto", "With the torus all-reduce: each replica applies the optimizer to 1/x "
       "('x') or 1/(x*y) ('xy') of the weights and the updated weights are "
-      "all-gathered; 'off': every replica updates every weight.",
-      WEIGHT_UPDATE_SHARDINGS)
+      "all-gathered; 'off': every replica updates every weight; 'auto': 'xy' with "
+      "--allreduce=torus off TPU, else 'off'.", WEIGHT_UPDATE_SHARDINGS)
+
+  @property
+  def weight_update_shards(self) -> str:
+    """The sharding 'auto' resolves to: "off", "x" or "xy"."""
+    if self.shard_weight_update != "auto":
+      return self.shard_weight_update
+    return "xy" if self.allreduce == "torus" and self.tpu is None else "off"
 
   def check(self):
     _check_choices(self)
@@ -167,7 +177,7 @@ class DistributionConfig:
              f"{self.collective_timeout_seconds}")
     _require(self.tpu is not None or self.num_cpu_devices >= 1, "num_cpu_devices",
              f"must be at least 1, got {self.num_cpu_devices}")
-    _require(self.shard_weight_update == "off" or self.allreduce == "torus",
+    _require(self.weight_update_shards == "off" or self.allreduce == "torus",
              "shard_weight_update", f"{self.shard_weight_update!r} shards the update "
              "after the torus reduce-scatter; use --allreduce=torus, or "
              "--shard_weight_update=off")

@@ -39,19 +39,22 @@ def build_norm_layer(model, grid, strategy):
 
 
 def build_aggregator(distribution, grid, strategy):
-  """The optimizer's gradient_aggregator: the torus, or None for the strategy's own."""
+  """The optimizer's gradient_aggregator: the torus, or the strategy's own all-reduce
+  packed the same way."""
+  pack_size_bytes = int(distribution.allreduce_pack_mb * 2**20)
   if distribution.allreduce != "torus":
-    return None
-  return allreduce.make_torus_aggregator(
-      grid, backend=strategy, pack_size_bytes=int(distribution.allreduce_pack_mb * 2**20))
+    return allreduce.make_packed_strategy_aggregator(pack_size_bytes)
+  return allreduce.make_torus_aggregator(grid, backend=strategy,
+                                         pack_size_bytes=pack_size_bytes)
 
 
 def build_weight_update_sharding(distribution, grid):
   """Where each replica's shard of the update lies, or None for the unsharded update."""
-  if distribution.shard_weight_update == "off":
+  shards = distribution.weight_update_shards
+  if shards == "off" or grid.num_replicas == 1:
     return None
   return sharded_optimizer.WeightUpdateSharding(
-      grid, shards=distribution.shard_weight_update,
+      grid, shards=shards,
       pack_size_bytes=int(distribution.allreduce_pack_mb * 2**20))
 
 

@@ -168,6 +168,47 @@ class PackShard:
     positions = self.start + tf.range(self.length, dtype=tf.int32)
     return tf.searchsorted(slot_ends, positions, side="right", out_type=tf.int32)
 
+  @functools.cached_property
+  def _runs(self) -> List[Tuple[int, int]]:
+    """Static shards: `(length, member)` runs covering the shard in order, member as
+    in `member_ids` (alignment padding counts as its member's)."""
+    runs = []
+    for begin, end, _ in self._static_pieces():
+      member = self._member_at(begin)
+      if runs and runs[-1][1] == member:
+        runs[-1] = (runs[-1][0] + end - begin, member)
+      else:
+        runs.append((end - begin, member))
+    return runs
+
+  def member_sums(self, values: tf.Tensor) -> tf.Tensor:
+    """float32 `[members + 1]`: the sum of `values` (shard-shaped) over each member's
+    elements, the tail padding's last."""
+    segments = len(self.pack.indices) + 1
+    if not isinstance(self.start, int):
+      return tf.math.unsorted_segment_sum(values, self.member_ids, segments)
+    # Static: slices and plain sums, several times faster on CPU than a segment sum
+    # over per-element ids.
+    lengths = [length for length, _ in self._runs]
+    pieces = tf.split(values, lengths) if len(lengths) > 1 else [values]
+    sums = [tf.zeros([], values.dtype)] * segments
+    for piece, (_, member) in zip(pieces, self._runs):
+      sums[member] = sums[member] + tf.reduce_sum(piece)
+    return tf.stack(sums)
+
+  def scale(self, values: tf.Tensor, per_member: tf.Tensor) -> tf.Tensor:
+    """`values` (shard-shaped) times `per_member[m]` on each element of member m
+    (`per_member` has `members + 1` entries, the tail padding's last)."""
+    if not isinstance(self.start, int):
+      return values * tf.gather(per_member, self.member_ids)
+    # Static: one multiply per run and a concat instead of a per-element gather.
+    lengths = [length for length, _ in self._runs]
+    if len(lengths) == 1:
+      return values * per_member[self._runs[0][1]]
+    pieces = tf.split(values, lengths)
+    return tf.concat([piece * per_member[member]
+                      for piece, (_, member) in zip(pieces, self._runs)], axis=0)
+
   def _member_at(self, position: int) -> int:
     for i, (begin, slot) in enumerate(zip(self._slot_starts(), self.pack.slots)):
       if begin <= position < begin + slot:
@@ -485,18 +526,15 @@ class ShardedLARS(ShardedUpdate, lars.LARS):
   def _shard_statistics(self, pack_shards, weights, gradients):
     decayed_gradients, weight_squares, gradient_squares = [], [], []
     for shard, w, g in zip(pack_shards, weights, gradients):
-      ids = shard.member_ids
       if self.weight_decay_rate:
-        decay = tf.gather(self._layer_flags(shard.pack, self._use_weight_decay), ids)
-        g = g + self.weight_decay_rate * decay * w
+        decay = self._layer_flags(shard.pack, self._use_weight_decay)
+        g = g + self.weight_decay_rate * shard.scale(w, decay)
       decayed_gradients.append(g)
-      # One segment per member and one for the tail padding, dropped: a shard may
-      # hold no element of some members, whose partial sums are then 0.
+      # One sum per member and one for the tail padding, dropped: a shard may hold
+      # no element of some members, whose partial sums are then 0.
       layers = len(shard.pack.indices)
-      weight_squares.append(
-          tf.math.unsorted_segment_sum(w * w, ids, layers + 1)[:layers])
-      gradient_squares.append(
-          tf.math.unsorted_segment_sum(g * g, ids, layers + 1)[:layers])
+      weight_squares.append(shard.member_sums(w * w)[:layers])
+      gradient_squares.append(shard.member_sums(g * g)[:layers])
     # Weight squares of every layer, then gradient squares: one vector, one
     # collective for all layers of all packs.
     return decayed_gradients, tf.concat(weight_squares + gradient_squares, axis=0)
@@ -521,11 +559,11 @@ class ShardedLARS(ShardedUpdate, lars.LARS):
       pack_trust = tf.concat([trust[first_layer:first_layer + layers], [1.0]], 0)
       first_layer += layers
       pack_trust = adapted * pack_trust + (1.0 - adapted)
-      scaled_lr = learning_rate * tf.gather(pack_trust, shard.member_ids)
-      v = self.momentum * v + scaled_lr * g
+      step = shard.scale(g, learning_rate * pack_trust)
+      v = self.momentum * v + step
       new_momentum.append(v)
       if self.nesterov:
-        new_weights.append(w - (self.momentum * v + scaled_lr * g))
+        new_weights.append(w - (self.momentum * v + step))
       else:
         new_weights.append(w - v)
     return new_weights, new_momentum

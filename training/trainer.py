@@ -7,6 +7,7 @@ positions the input stream where the interrupted run left it, and carries on, so
 loses at most the steps since the last checkpoint.
 """
 
+import dataclasses
 import functools
 import os
 
@@ -105,6 +106,11 @@ class Trainer:
   @property
   def total_steps(self) -> int:
     return self.cadence.total_steps
+
+  def extend_run(self, steps: int):
+    """Moves the end of the run `steps` past the current step (the next `train()`
+    call runs them: benchmarks time one call after another)."""
+    self.cadence = dataclasses.replace(self.cadence, total_steps=self.step + steps)
 
   @property
   def step(self) -> int:

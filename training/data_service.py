@@ -18,7 +18,10 @@ after `distribute` starts the next job when the last one runs dry, so epochs do 
 overlap. Resume: the service's order is not a function of position, so it cannot skip
 to a step. A resumed run starts a fresh epoch: the examples of the interrupted epoch
 already trained on are seen again, up to one epoch's worth, and the run still stops at
-its configured step.
+its configured step. The same holds for each new `fit` segment of a run (a short loop
+up to the logging grid after a resume, or at the end: see `specs.Cadence`): each makes
+a new dataset, hence a new job. A worker that dies takes its unsent examples of that
+epoch with it (the service reads each split at most once).
 """
 
 import tensorflow as tf

@@ -22,6 +22,7 @@ from input_pipeline.pipeline import batches_from_stream
 from input_pipeline.pipeline import create_tfrecord_dataset
 from input_pipeline.pipeline import device_input_options
 from input_pipeline.pipeline import distributed_dataset_fn
+from input_pipeline.pipeline import examples_from_stream
 from input_pipeline.pipeline import host_example_counts
 from input_pipeline.pipeline import padded_eval_steps
 from input_pipeline.pipeline import preprocess_examples
@@ -49,6 +50,7 @@ __all__ = [
     "create_tfrecord_dataset",
     "device_input_options",
     "distributed_dataset_fn",
+    "examples_from_stream",
     "host_example_counts",
     "padded_eval_steps",
     "prepare_digits_records",

@@ -8,7 +8,8 @@ The chain of Ying et al. 2018, sec. 3.2, read top to bottom:
      and run by `preprocess_examples`: fused decode-and-crop (damaged images counted and
      dropped), resize, flip, normalize;
   3. one tail, `batch_and_prefetch`: batch (or pad for evaluation), prefetch, options.
-`batches_from_stream` joins 2 and 3 onto any stream; `create_tfrecord_dataset` is 1-3.
+`examples_from_stream` is 2 on any stream, `batches_from_stream` joins 2 and 3, and
+`create_tfrecord_dataset` is 1-3.
 The knobs travel in small frozen dataclasses (`StreamOptions`, `ReadOptions`,
 `BatchOptions`, `PreprocessConfig`). `distributed_dataset_fn` wraps any of the dataset builders for
 `strategy.distribute_datasets_from_function`, with prefetch onto the devices.
@@ -363,11 +364,15 @@ class StreamOptions:
     this host (resuming at step s: s * per-host examples per step). Skipped as encoded
     records, before any decoding; exact when the stream is deterministic (see
     `tfrecord_stream`), approximate otherwise (a slow read can reorder records).
+  service_epoch: training only: one epoch, made to be split by shard among tf.data
+    service workers (see `tfrecord_stream`); its order is drawn afresh on each pass, so
+    it is never deterministic and cannot skip.
   """
   is_training: bool
   shuffle_seed: int | None = None
   deterministic: bool | None = None
   skip_examples: int = 0
+  service_epoch: bool = False
 
   def resolved(self):
     """These options with `deterministic` and `shuffle_seed` decided.
@@ -377,9 +382,14 @@ class StreamOptions:
     """
     if self.skip_examples and not self.is_training:
       raise ValueError("skip_examples applies to training only.")
+    if self.service_epoch and (not self.is_training or self.skip_examples
+                               or self.deterministic):
+      raise ValueError("service_epoch is one non-deterministic training epoch: it "
+                       "takes no skip_examples and no deterministic=True.")
     deterministic = self.deterministic
     if deterministic is None:
-      deterministic = (not self.is_training) or self.shuffle_seed is not None
+      deterministic = not self.service_epoch and (
+          (not self.is_training) or self.shuffle_seed is not None)
     shuffle_seed = self.shuffle_seed
     if shuffle_seed is None:
       shuffle_seed = random.SystemRandom().getrandbits(62)
@@ -507,6 +517,12 @@ def tfrecord_stream(file_pattern, stream, read=ReadOptions(), input_context=None
   cached_records = interleave_shards(all_files).cache() if read.cache else None
   first_position = 0
 
+  if stream.service_epoch:
+    # Seeds from the worker's clock and the record (see `_service_epoch`): no
+    # position here, which would give the service a second source to split.
+    return _service_epoch(all_files, interleave_shards, read, base_key).map(
+        lambda seed, record: (seed, schema.parse_example(record, read.label_offset)),
+        num_parallel_calls=read.num_parallel_calls, deterministic=False)
   if stream.is_training:
     def epoch_records(epoch):
       """This host's encoded records of one epoch, in read order."""
@@ -544,6 +560,33 @@ def tfrecord_stream(file_pattern, stream, read=ReadOptions(), input_context=None
       lambda position, record: (_fold(augment_key, position),
                                 schema.parse_example(record, read.label_offset)),
       num_parallel_calls=read.num_parallel_calls, deterministic=deterministic)
+
+
+def _service_epoch(all_files, interleave_shards, read, base_key):
+  """One training epoch whose first source is the shard list: (seed, record).
+
+  The tf.data service's "distributed_epoch" mode splits a dataset at its first source
+  and hands the splits (here: shards) to its workers as they ask, so every shard is
+  read once per pass by some worker. The usual epoch counter on top would make whole
+  epochs the splits, and each worker would serve a different epoch at once. The
+  shards go out in their sorted order: a shuffle of the shard list would draw every
+  split into the first worker that asks (a shuffle or batch reads its whole input).
+  Each worker shuffles the records it reads instead, and keys that shuffle and each
+  example's augmentation from its clock, read on every pass: the service's order is
+  not a function of position anyway, and a fixed key would repeat each epoch's order.
+  An example's augmentation key also folds in a hash of its record, not its position:
+  `enumerate` would add a second source, which the service would split as well.
+  """
+  def clock_key(salt):
+    micros = tf.cast(tf.timestamp() * 1e6, tf.int64)
+    return _fold(_fold(base_key, salt), micros)
+
+  records = (interleave_shards(all_files).batch(read.shuffle_buffer_size)
+             .map(lambda block: tf.random.experimental.stateless_shuffle(
+                 block, seed=clock_key(1)))
+             .prefetch(1).unbatch())
+  return records.map(lambda record: (
+      _fold(clock_key(2), tf.strings.to_hash_bucket_fast(record, 2**62)), record))
 
 
 def preprocess_examples(seeded_examples, example_preprocessing, *, skipped_image_counter,
@@ -644,6 +687,20 @@ def dataset_options(batch, deterministic):
   return options
 
 
+def examples_from_stream(seeded_examples, stream, preprocess, *,
+                         num_parallel_calls=AUTOTUNE, skipped_image_counter=None):
+  """Any (seed, example dict) stream -> preprocessed (image, label): the second piece.
+
+  The arguments are `batches_from_stream`'s. Apart from it, this is the per-example
+  stream that a tf.data service worker makes (see training/data_service.py).
+  """
+  stream = stream.resolved()
+  return preprocess_examples(
+      seeded_examples, preprocessing.preprocessing_for(preprocess, stream.is_training),
+      skipped_image_counter=skipped_image_counter or SkippedImageCounter(),
+      num_parallel_calls=num_parallel_calls, deterministic=stream.deterministic)
+
+
 def batches_from_stream(seeded_examples, stream, preprocess, batch, *,
                         num_parallel_calls=AUTOTUNE, skipped_image_counter=None):
   """Any (seed, example dict) stream -> batches: the pipeline's second and third pieces.
@@ -665,10 +722,9 @@ def batches_from_stream(seeded_examples, stream, preprocess, batch, *,
   stream = stream.resolved()
   if batch.pad_to_batches is not None and stream.is_training:
     raise ValueError("pad_to_batches applies to evaluation only.")
-  images = preprocess_examples(
-      seeded_examples, preprocessing.preprocessing_for(preprocess, stream.is_training),
-      skipped_image_counter=skipped_image_counter or SkippedImageCounter(),
-      num_parallel_calls=num_parallel_calls, deterministic=stream.deterministic)
+  images = examples_from_stream(seeded_examples, stream, preprocess,
+                                num_parallel_calls=num_parallel_calls,
+                                skipped_image_counter=skipped_image_counter)
   return batch_and_prefetch(images, batch, stream.deterministic)
 
 

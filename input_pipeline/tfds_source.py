@@ -51,6 +51,9 @@ def tfds_stream(name, data_dir, split, stream, read=pipeline.ReadOptions(),
   """
   import tensorflow_datasets as tfds
   stream = stream.resolved()
+  if stream.service_epoch:
+    raise ValueError("tfds streams have no service_epoch: the tf.data service splits "
+                     "TFRecord shards (see pipeline.tfrecord_stream).")
   builder = load_tfds_builder(name, data_dir)
   read_config = tfds.ReadConfig(
       input_context=input_context, shuffle_seed=stream.shuffle_seed,

@@ -20,6 +20,7 @@ from allreduce import topology
 from allreduce.torus_aggregator import DEFAULT_PACK_SIZE_BYTES
 from resnet import resnet_model
 from training import presets
+from training import service_address
 from training.flag_error import FlagError
 
 MODES = ("train", "eval", "train_and_eval")
@@ -82,6 +83,11 @@ class DataConfig:
   input_ram_budget_mb: Optional[int] = setting(
       None, "MiB the tf.data autotuner may spend on buffers (default: TensorFlow's, "
       "half the host's RAM).")
+  data_service_address: Optional[str] = setting(
+      None, "A tf.data service dispatcher, e.g. grpc://host:5050 (start one with "
+      "`python -m tools.data_service`): its workers make the training input, each "
+      "example once per epoch in no fixed order; evaluation stays local. The workers "
+      "must read the same --data_dir (or --model_dir for the digits).")
 
   def check(self):
     _require(self.dataset in DATASETS or (self.dataset.startswith("tfds/")
@@ -104,6 +110,16 @@ class DataConfig:
       _require(os.path.isdir(self.data_dir), "data_dir",
                f"directory {self.data_dir!r} does not exist; pass the folder that "
                "holds the train-*/validation-* shards")
+    if self.data_service_address:
+      # The service splits the TFRecord stream by shard (see training/data_service.py);
+      # tfds streams and synthetic batches have no such split.
+      _require(self.dataset in ("digits", "imagenet"), "data_service_address",
+               f"the tf.data service serves the TFRecord data sets (digits, imagenet), "
+               f"not {self.dataset}; drop --data_service_address")
+      try:
+        service_address.split_address(self.data_service_address)
+      except service_address.AddressError as e:
+        raise ConfigError("data_service_address", str(e)) from None
     _check_positive(self, "image_size")
     for name in ("input_max_intra_op_parallelism", "input_ram_budget_mb"):
       if getattr(self, name) is not None:

@@ -19,6 +19,7 @@ import input_pipeline
 from input_pipeline import dataset_info as dataset_info_lib
 from input_pipeline import tfds_source
 from training import config as config_lib
+from training import data_service
 from training.specs import DataSource
 
 # ImageNet-2012 (ILSVRC) split sizes, used when the shards carry no dataset_info.json.
@@ -158,10 +159,38 @@ def _stream_source(config, make_stream, *, num_train, num_eval, eval_host_counts
       return with_label_check(dataset, config.data.num_classes)
     return dataset
 
+  def served_train_dataset(input_context, start_step, batch):
+    """The training batches, their examples made by tf.data service workers.
+
+    The service gets the per-example stream, not batches: a job then holds exactly
+    one epoch whatever the batch size (a worker batching its own shards would drop
+    or pad a partial batch per worker), every host registers the same dataset (so
+    the hosts of a run can share one job), and each host batches for its own
+    replicas. An element is one preprocessed image, large enough (150-600 KB at 224
+    pixels) that the per-element cost of the transfer is small beside its bytes.
+    """
+    data_service.warn_not_deterministic(config.loop.seed)
+    stream = input_pipeline.StreamOptions(
+        is_training=True, shuffle_seed=config.loop.seed, service_epoch=True).resolved()
+    # The whole training split, not this host's share: the service splits it among
+    # the hosts, as it hands out the shards.
+    one_epoch = input_pipeline.examples_from_stream(make_stream(stream, None), stream,
+                                                    preprocess)
+    examples = data_service.served_epochs(
+        one_epoch, config.data.data_service_address,
+        job_name=data_service.job_name_for(config.loop.model_dir, start_step,
+                                           input_context.num_input_pipelines))
+    dataset = input_pipeline.batch_and_prefetch(examples, batch, deterministic=False)
+    if check_labels_in_stream:
+      return with_label_check(dataset, config.data.num_classes)
+    return dataset
+
   def make_train_dataset(input_context, start_step):
-    stream = train_stream_options(config, input_context, start_step)
     batch = batch_options(
         config, input_context.get_per_replica_batch_size(config.loop.train_batch_size))
+    if config.data.data_service_address:
+      return served_train_dataset(input_context, start_step, batch)
+    stream = train_stream_options(config, input_context, start_step)
     return batches(stream, batch, input_context)
 
   eval_steps = _padded_eval_steps_fn(eval_host_counts, config.loop.eval_batch_size)

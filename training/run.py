@@ -12,6 +12,7 @@ from resnet import resnet_model
 from training import config as config_lib
 from training import data_sources
 from training import optimizer as optimizer_lib
+from training import service_address
 from training import sharded_optimizer
 from training import strategy as strategy_lib
 from training import specs
@@ -137,9 +138,23 @@ def checkpoint_settings(config):
                          else "float32 or mixed_bfloat16"))
 
 
+def check_data_service(data):
+  """A --data_service_address where no dispatcher answers fails now, in one line.
+
+  Otherwise the first training step would wait on the service's own retries.
+  """
+  if data.data_service_address:
+    try:
+      service_address.probe(data.data_service_address)
+    except service_address.AddressError as e:
+      raise config_lib.ConfigError("data_service_address", str(e)) from None
+
+
 def train_and_evaluate(config):
   """Runs `config.loop.mode`; returns the final evaluation results (or {} for train)."""
   distribution, mode = config.distribution, config.loop.mode
+  if mode != "eval":
+    check_data_service(config.data)
   strategy = strategy_lib.create_strategy(
       tpu=distribution.tpu, num_cpu_devices=distribution.num_cpu_devices,
       collective_timeout_seconds=distribution.collective_timeout_seconds)

@@ -11,8 +11,8 @@ with our writer, then measures training images/s of:
   model_garden tf-models-official's classification_input Decoder/Parser + InputReader
   decode_only  parallel read + full JPEG decode, nothing else
   bare_work    the pipeline's own per-image functions (fused decode-and-crop, resize,
-               flip, normalise) on the encoded bytes held in memory, no tf.data, one
-               thread per core: the ceiling the pipeline should approach
+               flip, normalise) on the encoded bytes held in memory, no tf.data, four
+               threads per core: the ceiling the pipeline should approach
 The last line is `pipeline_vs_bare_work: <ratio>x`.
 """
 
@@ -144,10 +144,11 @@ class BareWork:
 
   The same functions the pipeline maps (`preprocessing_for(...).decode`, then
   `.finish`: fused decode-and-random-crop, resize, flip, normalise), in a tf.function
-  over one batch, called from one Python thread per core (TensorFlow releases the GIL
-  inside the call), so each core works on its own batch. The next batch comes from
-  whichever thread finishes first; `num_workers` batches are in flight at once, as a
-  prefetch buffer would hold them.
+  over one batch, called from Python threads (TensorFlow releases the GIL inside the
+  call), several threads per core: a thread between calls (in Python,
+  holding the GIL) then leaves its core to another, and a single thread per core was
+  measured slower (docs/RESULTS.md). `num_workers` batches are in flight at once, as
+  a prefetch buffer would hold them; they are taken in the order they were started.
   """
 
   def __init__(self, pattern, batch_size, image_size, num_workers):
@@ -253,7 +254,7 @@ def main(argv=None):
          lambda: model_garden_dataset(pattern, args.batch_size, size)),
         ("decode_only", "-", lambda: decode_only_dataset(pattern, args.batch_size)),
         ("bare_work", f"{size}px",
-         lambda: BareWork(pattern, args.batch_size, size, os.cpu_count())),
+         lambda: BareWork(pattern, args.batch_size, size, 4 * os.cpu_count())),
         ("pipeline", f"{small}px", lambda: ours(small, False)),
         ("pipeline+dct", f"{small}px", lambda: ours(small, True)),
     ]

@@ -9,11 +9,16 @@ with our writer, then measures training images/s of:
   pipeline     input_pipeline.create_tfrecord_dataset (fused decode-and-crop, parallel)
   pipeline+dct the same with DCT-domain reduced-scale decoding
   model_garden tf-models-official's classification_input Decoder/Parser + InputReader
-  decode_only  parallel read + full JPEG decode, nothing else (the ceiling)
-The last line is `pipeline_vs_naive: <ratio>x`.
+  decode_only  parallel read + full JPEG decode, nothing else
+  bare_work    the pipeline's own per-image functions (fused decode-and-crop, resize,
+               flip, normalise) on the encoded bytes held in memory, no tf.data, four
+               threads per core: the ceiling the pipeline should approach
+The last line is `pipeline_vs_bare_work: <ratio>x`.
 """
 
 import argparse
+import collections
+import concurrent.futures
 import os
 import statistics
 import sys
@@ -119,6 +124,79 @@ def model_garden_dataset(pattern, batch_size, image_size):
   return reader.read()
 
 
+def encoded_examples(pattern):
+  """Every record's image bytes and boxes (padded, with counts), parsed into memory."""
+  files = sorted(tf.io.gfile.glob(pattern))
+  image_bytes, boxes = [], []
+  for record in tf.data.TFRecordDataset(files):
+    example = schema.parse_example(record)
+    image_bytes.append(example["image_bytes"])
+    boxes.append(example["bboxes"])
+  num_boxes = [int(b.shape[0]) for b in boxes]
+  most = max(num_boxes)
+  padded = [tf.pad(b, [[0, most - int(b.shape[0])], [0, 0]]) for b in boxes]
+  return (tf.stack(image_bytes), tf.stack(padded) if most else
+          tf.zeros([len(boxes), 0, 4]), tf.constant(num_boxes, tf.int64))
+
+
+class BareWork:
+  """The pipeline's per-image work on in-memory bytes, with no tf.data: its ceiling.
+
+  The same functions the pipeline maps (`preprocessing_for(...).decode`, then
+  `.finish`: fused decode-and-random-crop, resize, flip, normalise), in a tf.function
+  over one batch, called from Python threads (TensorFlow releases the GIL inside the
+  call), several threads per core: a thread between calls (in Python,
+  holding the GIL) then leaves its core to another, and a single thread per core was
+  measured slower (docs/RESULTS.md). `num_workers` batches are in flight at once, as
+  a prefetch buffer would hold them; they are taken in the order they were started.
+  """
+
+  def __init__(self, pattern, batch_size, image_size, num_workers):
+    self._bytes, self._boxes, self._counts = encoded_examples(pattern)
+    self._num_examples = int(self._bytes.shape[0])
+    self._batch_size = batch_size
+    example = preprocessing.preprocessing_for(
+        preprocessing.PreprocessConfig(image_size=image_size), is_training=True)
+
+    def one_image(args):
+      image_bytes, boxes, count, seed = args
+      return example.finish(example.decode(image_bytes, boxes[:count], seed), seed)
+
+    @tf.function
+    def batch_of(start):
+      indices = tf.range(start, start + batch_size) % self._num_examples
+      seeds = tf.map_fn(lambda i: tf.random.experimental.stateless_fold_in(
+          tf.constant([0, 1], tf.int64), i),
+                        tf.cast(tf.range(start, start + batch_size), tf.int64),
+                        fn_output_signature=tf.TensorSpec([2], tf.int64))
+      # parallel_iterations=1: one thread per core does the parallelism.
+      return tf.map_fn(one_image, (tf.gather(self._bytes, indices),
+                                   tf.gather(self._boxes, indices),
+                                   tf.gather(self._counts, indices), seeds),
+                       fn_output_signature=tf.TensorSpec(
+                           [image_size, image_size, 3], tf.float32),
+                       parallel_iterations=1)
+
+    self._batch_of = batch_of
+    batch_of(tf.constant(0, tf.int64))  # traced once, before the threads share it
+    self._pool = concurrent.futures.ThreadPoolExecutor(num_workers)
+    self._next_start = 0
+    self._in_flight = collections.deque(self._submit() for _ in range(num_workers))
+
+  def _submit(self):
+    start = self._next_start
+    self._next_start += self._batch_size
+    return self._pool.submit(self._batch_of, tf.constant(start, tf.int64))
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    images = self._in_flight.popleft().result()
+    self._in_flight.append(self._submit())
+    return images
+
+
 def images_per_second(iterator, batch_size, seconds, warmup_batches=2):
   """Rate of one already-running iterator over `seconds` (after a short warm-up)."""
   for _ in range(warmup_batches):
@@ -175,6 +253,8 @@ def main(argv=None):
         ("model_garden", f"{size}px",
          lambda: model_garden_dataset(pattern, args.batch_size, size)),
         ("decode_only", "-", lambda: decode_only_dataset(pattern, args.batch_size)),
+        ("bare_work", f"{size}px",
+         lambda: BareWork(pattern, args.batch_size, size, 4 * os.cpu_count())),
         ("pipeline", f"{small}px", lambda: ours(small, False)),
         ("pipeline+dct", f"{small}px", lambda: ours(small, True)),
     ]
@@ -201,6 +281,7 @@ def main(argv=None):
   print(f"pipeline_vs_decode_only_ceiling: {pipeline / rates[('decode_only', '-')]:.2f}x")
   print(f"pipeline_vs_model_garden: {pipeline / rates[('model_garden', f'{size}px')]:.2f}x")
   print(f"pipeline_vs_naive: {pipeline / rates[('naive', f'{size}px')]:.2f}x")
+  print(f"pipeline_vs_bare_work: {pipeline / rates[('bare_work', f'{size}px')]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -110,26 +110,6 @@ class TorusSumTest(tf.test.TestCase, parameterized.TestCase):
               np.abs(result - expected) - 2.0**-8 * np.abs(expected) - 1e-6 * bound,
               0.0)
 
-  def test_packed_strategy_aggregator_sums_and_keeps_none(self):
-    aggregate = allreduce.make_packed_strategy_aggregator(pack_size_bytes=256)
-
-    def summed(tensors):
-      pairs = aggregate([(t, f"variable_{i}") for i, t in enumerate(tensors)])
-      self.assertEqual([v for _, v in pairs],
-                       [f"variable_{i}" for i in range(len(tensors))])
-      return [g for g, _ in pairs]
-
-    values = make_values(integer_valued=True, seed=3)
-    results = run_aggregation(self.strategy, summed, values)
-    for v, per_replica in zip(values, results):
-      if v is None:
-        self.assertEqual(per_replica, [0.0] * 8)
-        continue
-      for result in per_replica:
-        self.assertAllEqual(result.astype(np.float64), v.sum(axis=0))
-    with self.assertRaises(ValueError):
-      allreduce.make_packed_strategy_aggregator(pack_size_bytes=0)
-
   def test_all_replicas_agree_bit_for_bit(self):
     aggregator = allreduce.make_torus_aggregator((2, 4),
                                                  timeout_seconds=TIMEOUT_SECONDS)
@@ -390,6 +370,29 @@ class OptimizerIntegrationTest(tf.test.TestCase):
     for v in values[1:]:
       self.assertAllEqual(v, values[0])  # replicas stay in sync
     return values[0]
+
+  def test_packed_strategy_aggregator_sums_and_keeps_none(self):
+    # Here, on this class's strategy: TensorFlow numbers its own collectives per
+    # strategy from the same start, so a second strategy over the same devices that
+    # also used them would collide with this one's instances.
+    aggregate = allreduce.make_packed_strategy_aggregator(pack_size_bytes=256)
+
+    def summed(tensors):
+      pairs = aggregate([(t, f"variable_{i}") for i, t in enumerate(tensors)])
+      self.assertEqual([v for _, v in pairs],
+                       [f"variable_{i}" for i in range(len(tensors))])
+      return [g for g, _ in pairs]
+
+    values = make_values(integer_valued=True, seed=3)
+    results = run_aggregation(self.strategy, summed, values)
+    for v, per_replica in zip(values, results):
+      if v is None:
+        self.assertEqual(per_replica, [0.0] * 8)
+        continue
+      for result in per_replica:
+        self.assertAllEqual(result.astype(np.float64), v.sum(axis=0))
+    with self.assertRaises(ValueError):
+      allreduce.make_packed_strategy_aggregator(pack_size_bytes=0)
 
   def test_sgd_with_momentum_applies_the_sum_once(self):
     aggregator = allreduce.make_torus_aggregator((2, 4),

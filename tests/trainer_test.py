@@ -182,10 +182,12 @@ class TrainerTest(tf.test.TestCase):
     # Equal up to float rounding (two uninterrupted runs agree bit for bit): the grouped
     # batch norm sums its moments about the moving mean, for precision, and a
     # checkpoint holds the replicas' mean of the moving statistics rather than each
-    # group's own, so the resumed moments round differently (~1e-6 per step). A wrong
-    # data position or lost optimizer state differs by orders of magnitude more.
+    # group's own, so the resumed moments round differently (~1e-6 per step; with the
+    # gradient packs filled from the last layer, up to 1.2e-5 in a weight after 6
+    # steps). A wrong data position or lost optimizer state differs by orders of
+    # magnitude more.
     for expected, actual in zip(_weights(self.torus), _weights(self.resumed)):
-      self.assertAllClose(expected, actual, rtol=1e-4, atol=1e-5)
+      self.assertAllClose(expected, actual, rtol=1e-4, atol=3e-5)
     state = tf.train.get_checkpoint_state(
         os.path.join(self.interrupted_dir, "checkpoints"))
     self.assertEqual(os.path.basename(state.model_checkpoint_path), "ckpt-6")
@@ -195,7 +197,7 @@ class TrainerTest(tf.test.TestCase):
     # run's step-3 checkpoint: the same weights as the unsharded run's.
     self.assertEqual(self.sharded.step, 6)
     for expected, actual in zip(_weights(self.torus), _weights(self.sharded)):
-      self.assertAllClose(expected, actual, rtol=1e-4, atol=1e-5)
+      self.assertAllClose(expected, actual, rtol=1e-4, atol=3e-5)  # as above
     # Its own checkpoint is in the unsharded layout: the unsharded trainer reads it,
     # every variable matched (the restore checks that), momentum included.
     again = _build_trainer(self.strategy, self.sharded_dir, total_steps=6, seed=5)

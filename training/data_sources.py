@@ -151,13 +151,15 @@ def _stream_source(config, make_stream, *, num_train, num_eval, eval_host_counts
   preprocess = input_pipeline.PreprocessConfig(
       image_size=config.data.image_size, area_range=area_range, dtype=config.input_dtype)
 
-  def batches(stream, batch, input_context):
-    stream = stream.resolved()
-    dataset = input_pipeline.batches_from_stream(make_stream(stream, input_context),
-                                                 stream, preprocess, batch)
+  def checked(dataset):
     if check_labels_in_stream:
       return with_label_check(dataset, config.data.num_classes)
     return dataset
+
+  def batches(stream, batch, input_context):
+    stream = stream.resolved()
+    return checked(input_pipeline.batches_from_stream(
+        make_stream(stream, input_context), stream, preprocess, batch))
 
   def served_train_dataset(input_context, start_step, batch):
     """The training batches, their examples made by tf.data service workers.
@@ -180,10 +182,8 @@ def _stream_source(config, make_stream, *, num_train, num_eval, eval_host_counts
         one_epoch, config.data.data_service_address,
         job_name=data_service.job_name_for(config.loop.model_dir, start_step,
                                            input_context.num_input_pipelines))
-    dataset = input_pipeline.batch_and_prefetch(examples, batch, deterministic=False)
-    if check_labels_in_stream:
-      return with_label_check(dataset, config.data.num_classes)
-    return dataset
+    return checked(input_pipeline.batch_and_prefetch(examples, batch,
+                                                     deterministic=False))
 
   def make_train_dataset(input_context, start_step):
     batch = batch_options(

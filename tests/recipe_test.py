@@ -15,6 +15,7 @@ from absl.testing import parameterized
 import allreduce
 from training import config as config_lib
 from training import optimizer as optimizer_lib
+from training import weight_decay
 from training import model as model_lib
 
 
@@ -58,9 +59,9 @@ class WeightDecayTest(tf.test.TestCase):
   def test_only_kernels_are_decayed(self):
     model = _tiny_classifier(global_batch_size=2, num_classes=3)
     decayed = sorted(v.name for v in model.trainable_variables
-                     if optimizer_lib.is_decayed(v))
+                     if weight_decay.is_decayed(v))
     self.assertEqual(decayed, ["hidden/kernel:0", "logits/kernel:0"])
-    penalty = optimizer_lib.l2_penalty(model.trainable_variables, 1e-2)
+    penalty = weight_decay.l2_penalty(model.trainable_variables, 1e-2)
     kernels = [v.numpy() for v in model.trainable_variables if "kernel" in v.name]
     self.assertAllClose(penalty, 1e-2 * sum((k**2).sum() / 2 for k in kernels))
 
@@ -73,7 +74,7 @@ class WeightDecayTest(tf.test.TestCase):
     lars.apply_gradients([(tf.zeros_like(v), v) for v in model.trainable_variables])
     for variable in model.trainable_variables:
       changed = not np.allclose(variable.numpy(), 1.0)
-      self.assertEqual(changed, optimizer_lib.is_decayed(variable), variable.name)
+      self.assertEqual(changed, weight_decay.is_decayed(variable), variable.name)
 
 
 class LabelSmoothingTest(tf.test.TestCase):

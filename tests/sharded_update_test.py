@@ -24,6 +24,7 @@ from official.modeling.optimization import lars
 from allreduce import torus_aggregator
 from allreduce.topology import TorusTopology
 from training import optimizer as optimizer_lib
+from training import weight_decay
 from training import sharded_optimizer
 
 TIMEOUT_SECONDS = 60
@@ -94,9 +95,9 @@ def make_optimizer(rule, sharding=None):
   else:
     cls = lars.LARS if sharding is None else sharded_optimizer.ShardedLARS
     kwargs = dict(momentum=0.9, nesterov=nesterov, weight_decay_rate=0.05, eeta=0.1,
-                  exclude_from_weight_decay=list(optimizer_lib.EXCLUDED_FROM_DECAY),
+                  exclude_from_weight_decay=list(weight_decay.EXCLUDED_FROM_DECAY),
                   exclude_from_layer_adaptation=list(
-                      optimizer_lib.EXCLUDED_FROM_DECAY))
+                      weight_decay.EXCLUDED_FROM_DECAY))
   if sharding is not None:
     kwargs["sharding"] = sharding
   with strategy().scope():
@@ -361,7 +362,7 @@ class ShardedUpdateTest(tf.test.TestCase, parameterized.TestCase):
           if sharding is None:
             optimizer = lars.LARS(
                 schedule(), momentum=0.9, weight_decay_rate=0.05, eeta=0.1,
-                exclude_from_weight_decay=list(optimizer_lib.EXCLUDED_FROM_DECAY),
+                exclude_from_weight_decay=list(weight_decay.EXCLUDED_FROM_DECAY),
                 gradient_aggregator=torus_aggregator.make_torus_aggregator(
                     (2, 4), timeout_seconds=TIMEOUT_SECONDS))
           else:

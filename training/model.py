@@ -11,7 +11,7 @@ import weakref
 import tensorflow as tf
 import tf_keras
 
-from training import optimizer as optimizer_lib
+from training import weight_decay
 
 
 class WeightAverage(tf.Module):
@@ -158,7 +158,7 @@ class ImageClassifier(tf_keras.Model):
           per_example_loss, global_batch_size=self.global_batch_size)
       if self.l2_weight_decay:
         loss += tf.nn.scale_regularization_loss(
-            optimizer_lib.l2_penalty(variables, self.l2_weight_decay))
+            weight_decay.l2_penalty(variables, self.l2_weight_decay))
       scaled = isinstance(self.optimizer, tf_keras.mixed_precision.LossScaleOptimizer)
       scaled_loss = self.optimizer.get_scaled_loss(loss) if scaled else loss
     gradients = tape.gradient(scaled_loss, variables)

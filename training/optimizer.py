@@ -1,26 +1,17 @@
-"""Learning-rate schedule, weight decay and the optimizer the trainer steps with.
+"""Learning-rate schedule and the optimizer the trainer steps with.
 
 The optimizer is a tf_keras `OptimizerV2` (the legacy optimizers, which LARS from
 tf-models-official subclasses) because its constructor takes `gradient_aggregator=`:
 the hook through which the 2-D torus all-reduce replaces the strategy's own sum.
 """
 
-import re
-
-import tensorflow as tf
 import tf_keras
 from official.modeling.optimization import lars
 from official.modeling.optimization import lr_schedule
 
-# Batch-norm scales and offsets and biases are neither decayed nor (under LARS) given a
-# layer-wise trust ratio: decaying them only hurts (Goyal et al., 2017; the reference
-# LARS trainers exclude them too).
-EXCLUDED_FROM_DECAY = (r"gamma", r"beta", r"bias")
-
-
-def is_decayed(variable) -> bool:
-  """Whether weight decay applies to `variable` (convolution and dense kernels)."""
-  return not any(re.search(p, variable.name) for p in EXCLUDED_FROM_DECAY)
+from training import sharded_optimizer
+from training.specs import Recipe
+from training.weight_decay import EXCLUDED_FROM_DECAY
 
 
 def warmup_then_decay(peak, warmup_steps, total_steps, decay="polynomial", power=2.0):
@@ -50,7 +41,7 @@ def build_optimizer(name, learning_rate, *, momentum=0.9, weight_decay=0.0,
   """SGD with momentum or LARS, summing gradients with `gradient_aggregator`.
 
   With SGD, weight decay is an L2 term the trainer adds to the loss (see
-  `l2_penalty`); LARS applies it itself, inside its trust ratio, so the trainer must not
+  `weight_decay.l2_penalty`); LARS applies it itself, inside its trust ratio, so the trainer must not
   add it again.
   """
   kwargs = {}
@@ -65,9 +56,24 @@ def build_optimizer(name, learning_rate, *, momentum=0.9, weight_decay=0.0,
   raise ValueError(f"unknown optimizer {name!r}")
 
 
-def l2_penalty(variables, weight_decay):
-  """weight_decay/2 * sum of squares of the decayed variables (0 if none)."""
-  decayed = [v for v in variables if is_decayed(v)]
-  if not decayed or not weight_decay:
-    return tf.constant(0.0)
-  return weight_decay * tf.add_n([tf.nn.l2_loss(tf.cast(v, tf.float32)) for v in decayed])
+def for_recipe(recipe: Recipe, gradient_aggregator=None, weight_update_sharding=None):
+  """The recipe's optimizer, summing with the aggregator or updating by shards.
+
+  `weight_update_sharding` (a `sharded_optimizer.WeightUpdateSharding`) makes each
+  replica update its shard of the weights, the torus summing inside the sharded
+  optimizer (`gradient_aggregator` is then unused); None: every replica updates every
+  weight. mixed_float16 wraps either in its loss-scale optimizer.
+  """
+  if weight_update_sharding is not None:
+    optimizer = sharded_optimizer.build_sharded_optimizer(
+        recipe.optimizer_name, recipe.learning_rate, weight_update_sharding,
+        momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    if recipe.precision == "mixed_float16":
+      optimizer = sharded_optimizer.ShardedLossScaleOptimizer(optimizer)
+    return optimizer
+  optimizer = build_optimizer(
+      recipe.optimizer_name, recipe.learning_rate, momentum=recipe.momentum,
+      weight_decay=recipe.weight_decay, gradient_aggregator=gradient_aggregator)
+  if recipe.precision == "mixed_float16":
+    optimizer = tf_keras.mixed_precision.LossScaleOptimizer(optimizer)
+  return optimizer

@@ -43,7 +43,7 @@ from allreduce import collectives
 from allreduce.topology import TopologyError, TorusTopology
 from allreduce.torus_aggregator import (DEFAULT_PACK_SIZE_BYTES, Pack,
                                         plan_packs)
-from training import optimizer as optimizer_lib
+from training.weight_decay import EXCLUDED_FROM_DECAY
 
 SHARD_LAYOUTS = ("x", "xy")
 
@@ -581,8 +581,8 @@ def build_sharded_optimizer(name, learning_rate, sharding: WeightUpdateSharding,
   if name == "lars":
     return ShardedLARS(
         learning_rate, momentum=momentum, weight_decay_rate=weight_decay,
-        exclude_from_weight_decay=list(optimizer_lib.EXCLUDED_FROM_DECAY),
-        exclude_from_layer_adaptation=list(optimizer_lib.EXCLUDED_FROM_DECAY),
+        exclude_from_weight_decay=list(EXCLUDED_FROM_DECAY),
+        exclude_from_layer_adaptation=list(EXCLUDED_FROM_DECAY),
         sharding=sharding)
   raise ValueError(f"unknown optimizer {name!r}")
 

@@ -8,6 +8,7 @@ import dataclasses
 from typing import Callable, Optional, Union
 
 import tensorflow as tf
+import tf_keras
 
 # Builds one input pipeline's dataset: (input_context, start_step) -> dataset of
 # per-replica batches. start_step > 0 asks for the stream an uninterrupted run would be
@@ -30,6 +31,17 @@ class DataSource:
   num_eval_examples: int
   eval_steps: EvalStepsFn
   input_options: Optional[tf.distribute.InputOptions] = None
+
+  def train_input(self, start_step):
+    """Keras' input for `fit`: every pipeline's training stream from `start_step`."""
+    return tf_keras.utils.experimental.DatasetCreator(
+        lambda context: self.make_train_dataset(context, start_step),
+        input_options=self.input_options)
+
+  def eval_input(self):
+    """Keras' input for `evaluate`: every pipeline's padded evaluation pass."""
+    return tf_keras.utils.experimental.DatasetCreator(
+        self.make_eval_dataset, input_options=self.input_options)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,23 +28,6 @@ from training.specs import Cadence, DataSource, Recipe
 TrainingDiverged = model_lib.TrainingDiverged
 
 
-def build_optimizer(recipe: Recipe, gradient_aggregator=None, weight_update_sharding=None):
-  """The recipe's optimizer, summing with the aggregator or updating by shards."""
-  if weight_update_sharding is not None:
-    optimizer = sharded_optimizer.build_sharded_optimizer(
-        recipe.optimizer_name, recipe.learning_rate, weight_update_sharding,
-        momentum=recipe.momentum, weight_decay=recipe.weight_decay)
-    if recipe.precision == "mixed_float16":
-      optimizer = sharded_optimizer.ShardedLossScaleOptimizer(optimizer)
-    return optimizer
-  optimizer = optimizer_lib.build_optimizer(
-      recipe.optimizer_name, recipe.learning_rate, momentum=recipe.momentum,
-      weight_decay=recipe.weight_decay, gradient_aggregator=gradient_aggregator)
-  if recipe.precision == "mixed_float16":
-    optimizer = tf_keras.mixed_precision.LossScaleOptimizer(optimizer)
-  return optimizer
-
-
 class Trainer:
   """Owns the model, optimizer and checkpoints of one run under one strategy.
 
@@ -55,12 +38,9 @@ class Trainer:
     data: the data source.
     recipe: the optimizer, schedule and numerics.
     cadence: run length, batch sizes and loop cadence.
-    gradient_aggregator: sums gradients over replicas inside the optimizer; None keeps
-      the strategy's own all-reduce.
-    weight_update_sharding: a `sharded_optimizer.WeightUpdateSharding`: each replica
-      updates its shard of the weights (the gradients are summed by the torus inside
-      the sharded optimizer; `gradient_aggregator` is then unused). None: every replica
-      updates every weight.
+    gradient_aggregator, weight_update_sharding: how the optimizer sums and updates
+      (see `optimizer.for_recipe`); both None: the strategy's own all-reduce, every
+      replica updating every weight.
     checkpoint_settings: {flag: value} of the settings that shape the checkpoint
       (depth, width, classes, optimizer, ...); a model dir whose checkpoints were
       written with other values is refused, naming the flag.
@@ -85,8 +65,8 @@ class Trainer:
           backbone, global_batch_size=cadence.global_batch_size,
           num_classes=recipe.num_classes, label_smoothing=recipe.label_smoothing,
           l2_weight_decay=l2, ema_decay=recipe.ema_decay)
-      self.optimizer = build_optimizer(recipe, gradient_aggregator,
-                                       weight_update_sharding)
+      self.optimizer = optimizer_lib.for_recipe(recipe, gradient_aggregator,
+                                                weight_update_sharding)
       self.model.compile(optimizer=self.optimizer,
                          steps_per_execution=cadence.steps_per_execution,
                          jit_compile=recipe.jit_compile)
@@ -152,16 +132,6 @@ class Trainer:
           "--base_learning_rate")
     self.checkpoints.save(step)
 
-  def _train_input(self, start_step):
-    def dataset_fn(input_context):
-      return self.data.make_train_dataset(input_context, start_step)
-    return tf_keras.utils.experimental.DatasetCreator(
-        dataset_fn, input_options=self.data.input_options)
-
-  def _eval_input(self):
-    return tf_keras.utils.experimental.DatasetCreator(
-        self.data.make_eval_dataset, input_options=self.data.input_options)
-
   @functools.cached_property
   def eval_steps(self) -> int:
     """Steps that cover the whole evaluation set (padded; see README "Evaluation")."""
@@ -208,9 +178,9 @@ class Trainer:
                       if with_eval else [])
         fit_kwargs = {}
         if eval_loops:
-          fit_kwargs = dict(validation_data=self._eval_input(),
+          fit_kwargs = dict(validation_data=self.data.eval_input(),
                             validation_steps=self.eval_steps, validation_freq=eval_loops)
-        self.model.fit(self._train_input(first_step), epochs=segment[1],
+        self.model.fit(self.data.train_input(first_step), epochs=segment[1],
                        steps_per_epoch=segment[0], callbacks=[loop_callback],
                        verbose=0, **fit_kwargs)
     except KeyboardInterrupt:
@@ -228,7 +198,7 @@ class Trainer:
   def evaluate(self):
     """Top-1/top-5 and loss on the evaluation set, with the weight average if kept."""
     return evaluation.evaluate(
-        self.model, self._eval_input(), self.eval_steps,
+        self.model, self.data.eval_input(), self.eval_steps,
         num_eval_examples=self.data.num_eval_examples, step=self.step,
         summary_dir=(os.path.join(self.model_dir, "summaries", "eval")
                      if self.is_chief else None))

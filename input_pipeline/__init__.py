@@ -11,7 +11,9 @@ from input_pipeline.data_error import DataError
 from input_pipeline.digits import DatasetSpec
 from input_pipeline.digits import prepare_digits_records
 from input_pipeline.pipeline import DIGITS_AREA_RANGE
+from input_pipeline.pipeline import DIGITS_AUGMENTATION
 from input_pipeline.pipeline import IMAGENET_AREA_RANGE
+from input_pipeline.pipeline import IMAGENET_AUGMENTATION
 from input_pipeline.pipeline import BatchOptions
 from input_pipeline.pipeline import ReadOptions
 from input_pipeline.pipeline import SkippedImageCounter
@@ -35,9 +37,11 @@ from input_pipeline.tfds_source import tfds_stream
 __all__ = [
     "BatchOptions",
     "DIGITS_AREA_RANGE",
+    "DIGITS_AUGMENTATION",
     "DataError",
     "DatasetSpec",
     "IMAGENET_AREA_RANGE",
+    "IMAGENET_AUGMENTATION",
     "PreprocessConfig",
     "ReadOptions",
     "SkippedImageCounter",

@@ -33,6 +33,12 @@ EVAL_CROP_FRACTION = 224 / 256
 IMAGENET_AREA_RANGE = (0.08, 1.0)
 DIGITS_AREA_RANGE = (0.5, 1.0)
 
+# Each kind of data's training augmentation, as `PreprocessConfig` fields. Digits are
+# not flipped: a mirrored 2, 3 or 7 is no digit, and flipping them cost the default
+# run several points of top-1 (docs/RESULTS.md, "The default run").
+IMAGENET_AUGMENTATION = dict(area_range=IMAGENET_AREA_RANGE, flip=True)
+DIGITS_AUGMENTATION = dict(area_range=DIGITS_AREA_RANGE, flip=False)
+
 # Scales libjpeg can decode at directly (1/ratio of each side).
 DCT_SCALE_RATIOS = (1, 2, 4, 8)
 
@@ -334,12 +340,14 @@ def decode_for_train(image_bytes, bboxes, seed, *, image_size, area_range=(0.08,
       aspect_ratio_range=aspect_ratio_range, max_attempts=max_attempts)
 
 
-def finish_for_train(image, seed, *, image_size, resize_method="bilinear",
+def finish_for_train(image, seed, *, image_size, resize_method="bilinear", flip=True,
                      dtype=tf.float32):
-  """The rest of `preprocess_for_train`: resize, flip (seeded), normalize."""
+  """The rest of `preprocess_for_train`: resize, flip (seeded, unless `flip` is
+  False), normalize."""
   _, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
   image = resize_image(image, image_size, method=resize_method)
-  image = random_flip(image, flip_seed)
+  if flip:
+    image = random_flip(image, flip_seed)
   return normalize_image(image, dtype=dtype)
 
 
@@ -386,6 +394,8 @@ class PreprocessConfig:
     photo rarely has a window twice the output on both sides, so it only matters for
     smaller outputs or larger photos (benchmarks/input_pipeline.py measures it).
   resize_method: `tf.image.resize` method.
+  flip: random left-right flips in training (see IMAGENET_AUGMENTATION and
+    DIGITS_AUGMENTATION).
   dtype: output image dtype; tf.bfloat16 on TPU.
   """
   image_size: int
@@ -395,6 +405,7 @@ class PreprocessConfig:
   eval_crop_fraction: float = EVAL_CROP_FRACTION
   use_dct_scaling: bool = False
   resize_method: str = "bilinear"
+  flip: bool = True
   dtype: tf.dtypes.DType = tf.float32
 
 
@@ -423,7 +434,8 @@ def preprocessing_for(config, is_training):
 
     def finish(image, seed):
       return finish_for_train(image, seed, image_size=config.image_size,
-                              resize_method=config.resize_method, dtype=config.dtype)
+                              resize_method=config.resize_method, flip=config.flip,
+                              dtype=config.dtype)
   else:
     def decode(image_bytes, bboxes, seed):
       del bboxes, seed  # The centre crop is the same every time.

@@ -271,6 +271,23 @@ class PreprocessTest(tf.test.TestCase, parameterized.TestCase):
       outcomes.add(is_flipped)
     self.assertEqual(outcomes, {True, False})
 
+
+  def test_training_finish_flips_only_when_asked(self):
+    image = tf.constant(
+        np.random.default_rng(1).integers(0, 256, (6, 6, 3)).astype(np.uint8))
+    unflipped = preprocessing.normalize_image(image)
+    mirrored = preprocessing.normalize_image(image[:, ::-1])
+    flips = set()
+    for seed in range(16):
+      config = preprocessing.PreprocessConfig(
+          image_size=6, **preprocessing.DIGITS_AUGMENTATION)
+      kept = preprocessing.preprocessing_for(config, is_training=True).finish(
+          image, tf.constant([seed, 0]))
+      self.assertAllClose(kept, unflipped, atol=1e-5)
+      flipped = preprocessing.finish_for_train(image, tf.constant([seed, 0]),
+                                               image_size=6, flip=True)
+      flips.add(bool(np.allclose(flipped, mirrored, atol=1e-5)))
+    self.assertEqual(flips, {True, False})
   def test_eval_is_deterministic_and_same_in_map(self):
     jpeg = _jpeg(_photo())
     run = lambda b: preprocessing.preprocess_for_eval(b, image_size=64)

@@ -132,7 +132,7 @@ def batch_options(config, per_replica_batch_size, pad_to_batches=None):
 
 
 def _stream_source(config, make_stream, *, num_train, num_eval, eval_host_counts,
-                   area_range=input_pipeline.IMAGENET_AREA_RANGE,
+                   augmentation=input_pipeline.IMAGENET_AUGMENTATION,
                    check_labels_in_stream=True):
   """The DataSource of a record stream: what every real-data source has in common.
 
@@ -144,12 +144,13 @@ def _stream_source(config, make_stream, *, num_train, num_eval, eval_host_counts
     num_train, num_eval: examples of each split.
     eval_host_counts: `eval_host_counts(num_input_pipelines)` -> each host's
       evaluation example count.
-    area_range: the random crop's area range (see `input_pipeline.PreprocessConfig`).
+    augmentation: `input_pipeline.PreprocessConfig` fields of the training
+      augmentation (e.g. `input_pipeline.DIGITS_AUGMENTATION`).
     check_labels_in_stream: check each batch's labels against --num_classes (for data
       whose class count is not written down anywhere).
   """
   preprocess = input_pipeline.PreprocessConfig(
-      image_size=config.data.image_size, area_range=area_range, dtype=config.input_dtype)
+      image_size=config.data.image_size, dtype=config.input_dtype, **augmentation)
 
   def checked(dataset):
     if check_labels_in_stream:
@@ -208,7 +209,7 @@ def _stream_source(config, make_stream, *, num_train, num_eval, eval_host_counts
 
 
 def _tfrecord_source(config, train_pattern, eval_pattern, num_train, num_eval,
-                     area_range=input_pipeline.IMAGENET_AREA_RANGE):
+                     augmentation=input_pipeline.IMAGENET_AUGMENTATION):
   def make_stream(stream, input_context):
     # --cache_dataset: only the training split is read more than once.
     read = input_pipeline.ReadOptions(cache=config.data.cache_dataset and stream.is_training)
@@ -219,7 +220,7 @@ def _tfrecord_source(config, train_pattern, eval_pattern, num_train, num_eval,
       config, make_stream, num_train=num_train, num_eval=num_eval,
       eval_host_counts=functools.partial(input_pipeline.host_example_counts,
                                          eval_pattern),
-      area_range=area_range)
+      augmentation=augmentation)
 
 
 def _tfds_source(config):
@@ -269,7 +270,7 @@ def digits_source(config, records_dir) -> DataSource:
   check_class_count(spec.num_classes, config.data.num_classes, "the embedded digits set")
   return _tfrecord_source(config, spec.train_file_pattern,
                           spec.validation_file_pattern, spec.num_train_examples,
-                          spec.num_validation_examples, input_pipeline.DIGITS_AREA_RANGE)
+                          spec.num_validation_examples, input_pipeline.DIGITS_AUGMENTATION)
 
 
 def data_source_for(data, loop, scratch_dir=None,

@@ -9,7 +9,7 @@ PRESETS = {
     # as a 2x4 torus, batch-norm statistics over neighbouring pairs.
     "cpu_demo": dict(
         model_dir="runs/cpu_demo", dataset="digits", image_size=32, num_classes=10,
-        resnet_depth=18, train_batch_size=64, eval_batch_size=64, train_epochs=8.0,
+        resnet_depth=18, train_batch_size=64, eval_batch_size=64, train_epochs=6.0,
         bn_group_size=2, base_learning_rate=0.4, warmup_epochs=0.5, lr_decay="cosine",
         weight_decay=5e-5, log_every_steps=5, checkpoint_every_steps=20,
         num_cpu_devices=8, torus_shape=(2, 4)),

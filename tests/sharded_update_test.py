@@ -163,12 +163,13 @@ _INSIDE_EMULATED_OP = threading.local()
 class _RunTimeReplicaId:
   """A replica context whose `replica_id_in_sync_group` is a run-time int32 tensor.
 
-  Under TPUStrategy it is one: `TPUExtended.tpu_run`'s `replicated_fn`
-  (tensorflow/python/distribute/tpu_strategy.py) puts the constant `i` of replica `i`
-  into its inputs, and `tpu.split_compile_and_replicate` (tensorflow/python/tpu/tpu.py)
-  fans them into one `TPUReplicatedInput`, so inside the replicated computation the id
-  is a graph input that `tf.get_static_value` cannot fold. A `PlaceholderWithDefault`
-  is such an input here; everything else is the MirroredStrategy context's.
+  Under TPUStrategy it is one: `TPUExtended._tpu_function_creator`
+  (tensorflow/python/distribute/tpu_strategy.py) puts the constant `i` first in
+  replica `i`'s inputs, `tpu.split_compile_and_replicate` (tensorflow/python/tpu/
+  tpu.py) fans each input into one `TPUReplicatedInput`, and `replicated_fn` opens the
+  replica context with that input as the id: a graph input that `tf.get_static_value`
+  cannot fold. A `PlaceholderWithDefault` is such an input here; everything else is
+  the MirroredStrategy context's.
   """
 
   def __init__(self, context):

@@ -79,7 +79,7 @@ class BuildConfigTest(tf.test.TestCase, parameterized.TestCase):
     with self.assertRaisesRegex(config_lib.ConfigError, f"--{flag}: .*{message}"):
       config_lib.build_config("cpu_demo", **overrides)
 
-  def test_weight_update_sharding_auto_resolves_by_all_reduce_and_device(self):
+  def test_weight_update_sharding_auto_resolves_by_all_reduce(self):
     def shards(**overrides):
       return config_lib.build_config(
           "cpu_demo", **overrides).distribution.weight_update_shards
@@ -87,8 +87,13 @@ class BuildConfigTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(shards(allreduce="strategy"), "off")
     self.assertEqual(shards(shard_weight_update="x"), "x")
     self.assertEqual(shards(shard_weight_update="off"), "off")
+    # On TPU as well (tests/sharded_update_test.py, TpuShardedStepTest).
     self.assertEqual(config_lib.DistributionConfig(tpu="local").weight_update_shards,
-                     "off")
+                     "xy")
+    self.assertEqual(config_lib.DistributionConfig(
+        tpu="local", allreduce="strategy").weight_update_shards, "off")
+    self.assertEqual(config_lib.DistributionConfig(
+        tpu="local", shard_weight_update="x").weight_update_shards, "x")
 
   def test_input_settings_are_data_flags_with_tensorflow_defaults(self):
     data_flags = {field.name: field for name, field in config_lib.setting_fields()

@@ -170,20 +170,22 @@ class DistributionConfig:
   jit_compile: bool = setting(False, "XLA-compile the train step (GPUs; TPUs always "
                               "compile).")
   # 'auto' is 'xy' with the torus: the fastest measured (docs/RESULTS.md, "Sharded
-  # weight update"), and it moves the bytes of the plain 2-D all-reduce. Not yet on
-  # TPU, where the update's run-time shard offsets have never been traced in a test.
+  # weight update"), and it moves the bytes of the plain 2-D all-reduce. On TPU too:
+  # the step with run-time shard offsets is traced, run (its TPU ops emulated) and
+  # checked for XLA in tests/sharded_update_test.py, though never run on a TPU
+  # (docs/TPU.md, "Sharded weight update").
   shard_weight_update: str = setting(
       "auto", "With the torus all-reduce: each replica applies the optimizer to 1/x "
       "('x') or 1/(x*y) ('xy') of the weights and the updated weights are "
       "all-gathered; 'off': every replica updates every weight; 'auto': 'xy' with "
-      "--allreduce=torus off TPU, else 'off'.", WEIGHT_UPDATE_SHARDINGS)
+      "--allreduce=torus (on TPU too), else 'off'.", WEIGHT_UPDATE_SHARDINGS)
 
   @property
   def weight_update_shards(self) -> str:
     """The sharding 'auto' resolves to: "off", "x" or "xy"."""
     if self.shard_weight_update != "auto":
       return self.shard_weight_update
-    return "xy" if self.allreduce == "torus" and self.tpu is None else "off"
+    return "xy" if self.allreduce == "torus" else "off"
 
   def check(self):
     _check_choices(self)

@@ -71,6 +71,7 @@ class DivergenceWatch:
   def note(self, loss, step, gradients=()):
     """In replica context: latches `step` if `loss` or any of this replica's
     `gradients` is not finite on any replica."""
+    # Not shared with the sharded update, which counts only under loss scaling (unwatched here).
     finite = tf.reduce_all([tf.math.is_finite(loss)]
                            + [tf.reduce_all(tf.math.is_finite(g)) for g in gradients])
     # One scalar sum makes the verdict the same on every replica (a NaN on one

@@ -105,8 +105,8 @@ class WeightUpdateSharding:
 class PackShard:
   """One replica's piece `[start, start + length)` of one pack.
 
-  `start` is a Python int where the replica id is known while tracing
-  (MirroredStrategy), else a scalar int32 tensor (TPU).
+  `start` is a multiple of `length`: a Python int where the replica id is known while
+  tracing (MirroredStrategy), else a scalar int32 tensor (TPU).
   """
   pack: Pack
   start: Union[int, tf.Tensor]
@@ -140,8 +140,12 @@ class PackShard:
     """This shard of the pack that `tensors` (the pack members, in pack order) form,
     in float32."""
     if not isinstance(self.start, int):
-      # The shard is known only at run time: build the whole buffer, then slice it.
-      return tf.slice(self.pack.to_buffer(tensors), [self.start], [self.length])
+      # The shard is known only at run time: build the whole buffer and take its row
+      # of shards. A gather, not `tf.slice`: XLA needs a slice's begin while
+      # compiling (tf2xla folds it to a constant, which a TPU replica id is not),
+      # while a gather's index may be a run-time value.
+      rows = tf.reshape(self.pack.to_buffer(tensors), [-1, self.length])
+      return tf.gather(rows, self.start // self.length)
     # Known while tracing: copy only the pieces that fall in the shard.
     flat = [tf.reshape(tf.cast(t, _UPDATE_DTYPE), [-1]) for t in tensors]
     parts = []

@@ -518,9 +518,9 @@ def tfrecord_stream(file_pattern, stream, read=ReadOptions(), input_context=None
   first_position = 0
 
   if stream.service_epoch:
-    # Seeds from the worker's clock and the record (see `_service_epoch`): no
+    # Seeds from the worker's clock and the record (see `service_epoch_records`): no
     # position here, which would give the service a second source to split.
-    return _service_epoch(all_files, interleave_shards, read, base_key).map(
+    return service_epoch_records(all_files, interleave_shards, read, base_key).map(
         lambda seed, record: (seed, schema.parse_example(record, read.label_offset)),
         num_parallel_calls=read.num_parallel_calls, deterministic=False)
   if stream.is_training:
@@ -562,8 +562,12 @@ def tfrecord_stream(file_pattern, stream, read=ReadOptions(), input_context=None
       num_parallel_calls=read.num_parallel_calls, deterministic=deterministic)
 
 
-def _service_epoch(all_files, interleave_shards, read, base_key):
+def service_epoch_records(all_files, interleave_shards, read, base_key):
   """One training epoch whose first source is the shard list: (seed, record).
+
+  `all_files` is a dataset of the shards (or of whatever `interleave_shards` opens:
+  tfds's (path, skip, take)), `interleave_shards` turns such a dataset into records;
+  both the TFRecord and the tfds streams make their service epoch here.
 
   The tf.data service's "distributed_epoch" mode splits a dataset at its first source
   and hands the splits (here: shards) to its workers as they ask, so every shard is

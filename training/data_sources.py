@@ -31,8 +31,11 @@ SYNTHETIC_EVAL_BATCHES = 4
 
 @dataclasses.dataclass(frozen=True)
 class SourceSettings:
-  """What the sources read: the config's data and loop sections, and the images'
-  dtype on the host (chosen by the model's precision)."""
+  """What the sources read: the config's data and loop sections, and the dtype of
+  the synthetic images (chosen by the model's precision). Images read from files
+  leave the host as uint8 pixels, whatever the precision: the model normalises them
+  on the device (`ImageClassifier.call`), which moves a quarter of float32's bytes
+  (half of bfloat16's) and takes the per-pixel float work off the host."""
   data: config_lib.DataConfig
   loop: config_lib.LoopConfig
   input_dtype: tf.DType = tf.float32
@@ -149,7 +152,7 @@ def _stream_source(config, make_stream, *, num_train, num_eval, eval_host_counts
       whose class count is not written down anywhere).
   """
   preprocess = input_pipeline.PreprocessConfig(
-      image_size=config.data.image_size, area_range=area_range, dtype=config.input_dtype)
+      image_size=config.data.image_size, area_range=area_range, dtype=tf.uint8)
 
   def checked(dataset):
     if check_labels_in_stream:
@@ -279,8 +282,9 @@ def data_source_for(data, loop, scratch_dir=None,
   `data` and `loop` are the config's sections. `scratch_dir` is a folder of this
   process's own under the model dir (default: the model dir); the digits are generated
   there, never into a folder the user named. Nothing here writes anywhere else:
-  --data_dir is only read. `input_dtype` is the images' dtype (bfloat16 when the model
-  computes in it: half the host-to-device bytes).
+  --data_dir is only read. `input_dtype` is the synthetic images' dtype (bfloat16
+  when the model computes in it); images read from files are uint8 pixels (see
+  `SourceSettings`).
   """
   config = SourceSettings(data, loop, input_dtype)
   if config.data.dataset == "digits":

@@ -6,7 +6,8 @@ The chain of Ying et al. 2018, sec. 3.2, read top to bottom:
      yields (seed, example dict) and owns resuming (`StreamOptions.skip_examples`);
   2. the per-example preprocessing, built once from a `preprocessing.PreprocessConfig`
      and run by `preprocess_examples`: fused decode-and-crop (damaged images counted and
-     dropped), resize, flip, normalize;
+     dropped), resize, flip, normalize (or, with `dtype=tf.uint8`, round to pixels that
+     the model normalises on the device: what the trainer's sources do);
   3. one tail, `batch_and_prefetch`: batch (or pad for evaluation), prefetch, options.
 `examples_from_stream` is 2 on any stream, `batches_from_stream` joins 2 and 3, and
 `create_tfrecord_dataset` is 1-3.

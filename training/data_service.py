@@ -62,9 +62,9 @@ def served_epochs(one_epoch, address, job_name=None):
 
 
 def warn_not_deterministic(seed):
-  """Says once that --seed no longer fixes the data order."""
-  logging.log_first_n(
-      logging.WARNING, "--data_service_address: the tf.data service's %s order is "
+  """Says that --seed no longer fixes the data order (the caller says it once a run)."""
+  logging.warning(
+      "--data_service_address: the tf.data service's %s order is "
       "not deterministic, so --seed=%d fixes the initialisation but not the order "
       "of the training examples, and a resumed run restarts its epoch (see "
-      "training/data_service.py).", 1, PROCESSING_MODE, seed)
+      "training/data_service.py).", PROCESSING_MODE, seed)

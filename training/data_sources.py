@@ -164,6 +164,8 @@ def _stream_source(config, make_stream, *, num_train, num_eval, eval_host_counts
     return checked(input_pipeline.batches_from_stream(
         make_stream(stream, input_context), stream, preprocess, batch))
 
+  warned_of_service_order = []  # once per source (a run), not per fit segment
+
   def served_train_dataset(input_context, start_step, batch):
     """The training batches, their examples made by tf.data service workers.
 
@@ -175,7 +177,9 @@ def _stream_source(config, make_stream, *, num_train, num_eval, eval_host_counts
     pixels, a quarter of float32's bytes over the network), still large enough that
     the per-element cost of the transfer is small beside its bytes.
     """
-    data_service.warn_not_deterministic(config.loop.seed)
+    if not warned_of_service_order:
+      data_service.warn_not_deterministic(config.loop.seed)
+      warned_of_service_order.append(True)
     stream = input_pipeline.StreamOptions(
         is_training=True, shuffle_seed=config.loop.seed, service_epoch=True).resolved()
     # The whole training split, not this host's share: the service splits it among

@@ -332,7 +332,8 @@ def to_pixels(image, resize_method="bilinear"):
 
   Bilinear, area and nearest-neighbour resizes average pixels with non-negative
   weights, so their output stays in [0, 255] and needs no clipping (a clip per pixel
-  costs about as much as the cast); the other methods' outputs are clipped.
+  is one more op over the whole image, docs/RESULTS.md); the other methods' outputs
+  are clipped.
 
   The host's output when the device normalises: a quarter of float32's bytes to
   batch and copy, and no float arithmetic per pixel on the host (the divide and

@@ -7,12 +7,18 @@ scikit-learn and matplotlib ship (random crops and rescales), writes them as TFR
 with our writer, then measures training images/s of:
   naive        sequential reads, full decode then crop, no parallelism, no prefetch
   pipeline     input_pipeline.create_tfrecord_dataset (fused decode-and-crop, parallel)
-  pipeline+dct the same with DCT-domain reduced-scale decoding
+               as the trainer builds it: uint8 pixels out, normalised on the device
+  pipeline_f32 the same, normalised to float32 on the host (the earlier output)
+  pipeline+dct the first with DCT-domain reduced-scale decoding
   model_garden tf-models-official's classification_input Decoder/Parser + InputReader
   decode_only  parallel read + full JPEG decode, nothing else
   bare_work    the pipeline's own per-image functions (fused decode-and-crop, resize,
-               flip, normalise) on the encoded bytes held in memory, no tf.data, four
-               threads per core: the ceiling the pipeline should approach
+               flip, round to uint8) on the encoded bytes held in memory, no tf.data,
+               four threads per core: the ceiling the pipeline should approach
+Model Garden's parser normalises to float32 on the host, as its trainer expects; the
+pipeline's uint8 output leaves that to the model (`ImageClassifier.call`), so
+`pipeline_vs_model_garden` compares what each hands its model, and
+`pipeline_f32_vs_model_garden` the same float32 output on both sides.
 The last line is `pipeline_vs_bare_work: <ratio>x`.
 """
 
@@ -151,12 +157,13 @@ class BareWork:
   a prefetch buffer would hold them; they are taken in the order they were started.
   """
 
-  def __init__(self, pattern, batch_size, image_size, num_workers):
+  def __init__(self, pattern, batch_size, image_size, num_workers, dtype=tf.uint8):
     self._bytes, self._boxes, self._counts = encoded_examples(pattern)
     self._num_examples = int(self._bytes.shape[0])
     self._batch_size = batch_size
     example = preprocessing.preprocessing_for(
-        preprocessing.PreprocessConfig(image_size=image_size), is_training=True)
+        preprocessing.PreprocessConfig(image_size=image_size, dtype=dtype),
+        is_training=True)
 
     def one_image(args):
       image_bytes, boxes, count, seed = args
@@ -174,7 +181,7 @@ class BareWork:
                                    tf.gather(self._boxes, indices),
                                    tf.gather(self._counts, indices), seeds),
                        fn_output_signature=tf.TensorSpec(
-                           [image_size, image_size, 3], tf.float32),
+                           [image_size, image_size, 3], dtype),
                        parallel_iterations=1)
 
     self._batch_of = batch_of
@@ -195,6 +202,67 @@ class BareWork:
     images = self._in_flight.popleft().result()
     self._in_flight.append(self._submit())
     return images
+
+
+# Host op types by the piece of per-image work they do (the rest is "other").
+OP_WORK = {
+    "DecodeAndCropJpeg": "decode", "ExtractJpegShape": "decode", "DecodeJpeg": "decode",
+    "DecodeImage": "decode", "DecodePng": "decode",
+    "StatelessSampleDistortedBoundingBox": "crop window", "ResizeBilinear": "resize",
+    "ReverseV2": "flip", "Sub": "normalise", "RealDiv": "normalise", "Mul": "normalise",
+    "Round": "round and cast", "Cast": "round and cast", "ClipByValue": "round and cast",
+    "ParseExampleV2": "parse", "StatelessShuffle": "shuffle",
+}
+
+
+def host_op_profile(iterator, num_batches, logdir):
+  """Self-time (µs) of host ops and of tf.data iterators over `num_batches` batches.
+
+  The TF profiler around the running iterator; its `framework_op_stats` table (what
+  TensorBoard's profile plugin shows) is read with the converter TensorFlow ships,
+  a private module (`_pywrap_profiler_plugin`): the one reader of xplane files
+  installed here, used nowhere else. Returns ({op type: µs}, {iterator path: µs});
+  iterator paths have their interleave indices ("[3]") dropped, so the guard's
+  nested datasets add up.
+  """
+  import glob  # pylint: disable=g-import-not-at-top
+  import json
+  import re
+  from tensorflow.python.profiler.internal import _pywrap_profiler_plugin
+  tf.profiler.experimental.start(logdir)
+  for _ in range(num_batches):
+    next(iterator)
+  tf.profiler.experimental.stop()
+  path, = glob.glob(os.path.join(logdir, "plugins", "profile", "*", "*.xplane.pb"))
+  data, ok = _pywrap_profiler_plugin.xspace_to_tools_data([path], "framework_op_stats")
+  if not ok:
+    raise RuntimeError(f"the profiler's converter failed on {path}: {data[:200]}")
+  table = json.loads(data)[0]
+  column = {c["label"]: i for i, c in enumerate(table["cols"])}
+  ops, iterators = collections.Counter(), collections.Counter()
+  for row in table["rows"]:
+    values = [cell.get("v") for cell in row["c"]]
+    kind, name = values[column["Operation Type"]], values[column["Operation Name"]]
+    self_time = values[column["Total self-time (us)"]]
+    if kind == "Dataset":
+      iterators[re.sub(r"\[\d+\]", "", name)] += self_time
+    elif kind != "IDLE":
+      ops[kind] += self_time
+  return ops, iterators
+
+
+def print_profile(label, ops, iterators, num_images):
+  """The op self-time by piece of work, per image, and the slowest iterators."""
+  work = collections.Counter()
+  for kind, micros in ops.items():
+    work[OP_WORK.get(kind, "other")] += micros
+  total = sum(work.values())
+  print(f"profile {label}: host op self-time {total / num_images:.0f} us/image")
+  for piece, micros in work.most_common():
+    print(f"    {piece:<15} {micros / num_images:7.0f} us/image  {100 * micros / total:5.1f}%")
+  print("  iterator self-time (wall clock: includes waits of asynchronous ones)")
+  for name, micros in iterators.most_common(6):
+    print(f"    {micros / num_images:7.0f} us/image  {name}")
 
 
 def images_per_second(iterator, batch_size, seconds, warmup_batches=2):
@@ -221,6 +289,9 @@ def main(argv=None):
   parser.add_argument("--rounds", type=int, default=5,
                       help="the pipelines take turns this many times; the best round "
                       "counts, which discounts other load on a shared machine")
+  parser.add_argument("--profile_batches", type=int, default=0,
+                      help="after the rounds, profile this many batches of the "
+                      "pipeline and of pipeline_f32 with the TF profiler")
   args = parser.parse_args(argv)
 
   with tempfile.TemporaryDirectory(prefix="input_pipeline_bench_") as root:
@@ -237,11 +308,12 @@ def main(argv=None):
           f"median of {args.rounds} alternating rounds of {args.seconds:.0f} s "
           "per pipeline")
 
-    def ours(image_size, use_dct_scaling):
+    def ours(image_size, use_dct_scaling, dtype=tf.uint8):
       return input_pipeline.create_tfrecord_dataset(
           pattern, stream=input_pipeline.StreamOptions(is_training=True),
           preprocess=input_pipeline.PreprocessConfig(image_size=image_size,
-                                                     use_dct_scaling=use_dct_scaling),
+                                                     use_dct_scaling=use_dct_scaling,
+                                                     dtype=dtype),
           batch=input_pipeline.BatchOptions(args.batch_size),
           read=input_pipeline.ReadOptions(shuffle_buffer_size=1000))
 
@@ -249,6 +321,7 @@ def main(argv=None):
     candidates = [
         ("naive", f"{size}px", lambda: naive_dataset(pattern, args.batch_size, size)),
         ("pipeline", f"{size}px", lambda: ours(size, False)),
+        ("pipeline_f32", f"{size}px", lambda: ours(size, False, tf.float32)),
         ("pipeline+dct", f"{size}px", lambda: ours(size, True)),
         ("model_garden", f"{size}px",
          lambda: model_garden_dataset(pattern, args.batch_size, size)),
@@ -268,18 +341,31 @@ def main(argv=None):
         samples[(name, output)].append(
             images_per_second(iterator, args.batch_size, args.seconds))
     rates = {key: statistics.median(values) for key, values in samples.items()}
+    profiles = []
+    if args.profile_batches:
+      for name, output, iterator in iterators:
+        if name in ("pipeline", "pipeline_f32") and output == f"{args.image_size}px":
+          profiles.append((name, host_op_profile(
+              iterator, args.profile_batches, os.path.join(root, f"profile_{name}"))))
     for name, output, _ in iterators:
       values = samples[(name, output)]
       print(f"  {name:<13} {output:>6}  {rates[(name, output)]:8.1f} images/s "
             f"(range {min(values):.0f}-{max(values):.0f})")
 
+  for name, (ops, iterator_times) in profiles:
+    print_profile(f"{name} {size}px", ops, iterator_times,
+                  args.profile_batches * args.batch_size)
   pipeline = rates[("pipeline", f"{size}px")]
   print(f"dct_scaling_gain_{size}px: "
         f"{rates[('pipeline+dct', f'{size}px')] / pipeline:.2f}x")
   print(f"dct_scaling_gain_{small}px: "
         f"{rates[('pipeline+dct', f'{small}px')] / rates[('pipeline', f'{small}px')]:.2f}x")
   print(f"pipeline_vs_decode_only_ceiling: {pipeline / rates[('decode_only', '-')]:.2f}x")
-  print(f"pipeline_vs_model_garden: {pipeline / rates[('model_garden', f'{size}px')]:.2f}x")
+  model_garden = rates[("model_garden", f"{size}px")]
+  print(f"pipeline_f32_vs_model_garden: "
+        f"{rates[('pipeline_f32', f'{size}px')] / model_garden:.2f}x")
+  print(f"pipeline_vs_pipeline_f32: {pipeline / rates[('pipeline_f32', f'{size}px')]:.2f}x")
+  print(f"pipeline_vs_model_garden: {pipeline / model_garden:.2f}x")
   print(f"pipeline_vs_naive: {pipeline / rates[('naive', f'{size}px')]:.2f}x")
   print(f"pipeline_vs_bare_work: {pipeline / rates[('bare_work', f'{size}px')]:.2f}x")
 

@@ -6,7 +6,8 @@ The chain of Ying et al. 2018, sec. 3.2, read top to bottom:
      yields (seed, example dict) and owns resuming (`StreamOptions.skip_examples`);
   2. the per-example preprocessing, built once from a `preprocessing.PreprocessConfig`
      and run by `preprocess_examples`: fused decode-and-crop (damaged images counted and
-     dropped), resize, flip, normalize;
+     dropped), resize, flip, normalize (or, with `dtype=tf.uint8`, round to pixels that
+     the model normalises on the device: what the trainer's sources do);
   3. one tail, `batch_and_prefetch`: batch (or pad for evaluation), prefetch, options.
 `examples_from_stream` is 2 on any stream, `batches_from_stream` joins 2 and 3, and
 `create_tfrecord_dataset` is 1-3.
@@ -520,9 +521,9 @@ def tfrecord_stream(file_pattern, stream, read=ReadOptions(), input_context=None
   first_position = 0
 
   if stream.service_epoch:
-    # Seeds from the worker's clock and the record (see `_service_epoch`): no
+    # Seeds from the worker's clock and the record (see `service_epoch_records`): no
     # position here, which would give the service a second source to split.
-    return _service_epoch(all_files, interleave_shards, read, base_key).map(
+    return service_epoch_records(all_files, interleave_shards, read, base_key).map(
         lambda seed, record: (seed, schema.parse_example(record, read.label_offset)),
         num_parallel_calls=read.num_parallel_calls, deterministic=False)
   if stream.is_training:
@@ -564,8 +565,12 @@ def tfrecord_stream(file_pattern, stream, read=ReadOptions(), input_context=None
       num_parallel_calls=read.num_parallel_calls, deterministic=deterministic)
 
 
-def _service_epoch(all_files, interleave_shards, read, base_key):
+def service_epoch_records(all_files, interleave_shards, read, base_key):
   """One training epoch whose first source is the shard list: (seed, record).
+
+  `all_files` is a dataset of the shards (or of whatever `interleave_shards` opens:
+  tfds's (path, skip, take)), `interleave_shards` turns such a dataset into records;
+  both the TFRecord and the tfds streams make their service epoch here.
 
   The tf.data service's "distributed_epoch" mode splits a dataset at its first source
   and hands the splits (here: shards) to its workers as they ask, so every shard is

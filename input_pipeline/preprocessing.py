@@ -319,10 +319,46 @@ def random_flip(image, seed):
 
 def normalize_image(image, mean=IMAGENET_MEAN_RGB, stddev=IMAGENET_STDDEV_RGB,
                     dtype=tf.float32):
-  """(pixel - mean) / stddev per channel, then cast (bfloat16 for TPUs)."""
+  """(pixel - mean) / stddev per channel, then cast (bfloat16 for TPUs).
+
+  On the host for float outputs; on the device for uint8 pixels
+  (`training.model.ImageClassifier` calls it in its forward pass).
+  """
   image = (tf.cast(image, tf.float32) - tf.constant(mean, tf.float32)) / tf.constant(
       stddev, tf.float32)
   return tf.cast(image, dtype)
+
+
+# Resize methods whose kernels have negative lobes: their output can leave [0, 255].
+_OVERSHOOTING_RESIZE_METHODS = ("bicubic", "lanczos3", "lanczos5", "mitchellcubic")
+
+
+def to_pixels(image, resize_method="bilinear"):
+  """A resized float image -> uint8, rounded to the nearest level.
+
+  Bilinear, area and nearest-neighbour resizes average pixels with non-negative
+  weights, so their output stays in [0, 255] and needs no clipping (a clip per pixel
+  is one more op over the whole image, docs/RESULTS.md); the other methods' outputs
+  are clipped.
+
+  The host's output when the device normalises: a quarter of float32's bytes to
+  batch and copy, and no float arithmetic per pixel on the host (the divide and
+  subtract of `normalize_image` took more host time than the JPEG decode:
+  docs/RESULTS.md). Rounding moves a pixel by at most half a level, 0.5 / 57 (the
+  smallest stddev) in normalised units.
+  """
+  if resize_method in _OVERSHOOTING_RESIZE_METHODS:
+    return tf.saturate_cast(tf.round(image), tf.uint8)
+  return tf.cast(tf.round(image), tf.uint8)
+
+
+def _finish(image, *, dtype, resize_method, flip=None):
+  """Pixels, or normalised `dtype` values, of a resized image; flipped by `flip`."""
+  if dtype == tf.uint8:
+    image = to_pixels(image, resize_method)  # flipped after: a quarter of the bytes
+    return flip(image) if flip else image
+  image = flip(image) if flip else image
+  return normalize_image(image, dtype=dtype)
 
 
 def decode_for_train(image_bytes, bboxes, seed, *, image_size, area_range=(0.08, 1.0),
@@ -343,12 +379,11 @@ def decode_for_train(image_bytes, bboxes, seed, *, image_size, area_range=(0.08,
 def finish_for_train(image, seed, *, image_size, resize_method="bilinear", flip=True,
                      dtype=tf.float32):
   """The rest of `preprocess_for_train`: resize, flip (seeded, unless `flip` is
-  False), normalize."""
+  False), normalize (or, for uint8, round to pixels)."""
   _, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
   image = resize_image(image, image_size, method=resize_method)
-  if flip:
-    image = random_flip(image, flip_seed)
-  return normalize_image(image, dtype=dtype)
+  return _finish(image, dtype=dtype, resize_method=resize_method,
+                 flip=(lambda pixels: random_flip(pixels, flip_seed)) if flip else None)
 
 
 def preprocess_for_train(image_bytes, bboxes, seed, *, image_size, area_range=(0.08, 1.0),
@@ -365,8 +400,8 @@ def preprocess_for_train(image_bytes, bboxes, seed, *, image_size, area_range=(0
 
 def finish_for_eval(image, *, image_size, resize_method="bilinear", dtype=tf.float32):
   """The rest of `preprocess_for_eval` after `decode_and_center_crop`."""
-  image = resize_image(image, image_size, method=resize_method)
-  return normalize_image(image, dtype=dtype)
+  return _finish(resize_image(image, image_size, method=resize_method), dtype=dtype,
+                 resize_method=resize_method)
 
 
 def preprocess_for_eval(image_bytes, *, image_size, crop_fraction=EVAL_CROP_FRACTION,
@@ -396,7 +431,9 @@ class PreprocessConfig:
   resize_method: `tf.image.resize` method.
   flip: random left-right flips in training (see IMAGENET_AUGMENTATION and
     DIGITS_AUGMENTATION).
-  dtype: output image dtype; tf.bfloat16 on TPU.
+  dtype: output image dtype: tf.uint8 for pixels that the model normalises on the
+    device (what the trainer's sources use, see `to_pixels`), else normalised values
+    (tf.float32, or tf.bfloat16 for TPUs).
   """
   image_size: int
   area_range: tuple = IMAGENET_AREA_RANGE

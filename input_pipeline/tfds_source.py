@@ -35,6 +35,14 @@ def load_tfds_builder(name, data_dir):
   return builder
 
 
+def _example_dict(example):
+  """A tfds example (image still encoded) -> the keys of `schema.parse_example`."""
+  return {"image_bytes": example["image"],
+          "label": tf.cast(example["label"], tf.int32),
+          "filename": example.get("file_name", ""),
+          "bboxes": tf.zeros([0, 4], tf.float32)}
+
+
 def tfds_stream(name, data_dir, split, stream, read=pipeline.ReadOptions(),
                 input_context=None):
   """A tfds builder's split -> this host's (seed [2], example dict) stream.
@@ -44,27 +52,24 @@ def tfds_stream(name, data_dir, split, stream, read=pipeline.ReadOptions(),
   shards per host itself (`ReadConfig(input_context=...)`) and interleaves its own
   files; of `read` it uses cycle_length, shuffle_buffer_size and cache. Labels are
   tfds's, already 0-based. `stream.skip_examples` skips encoded examples, before
-  decoding.
+  decoding. With `stream.service_epoch`, one epoch of the whole split for the tf.data
+  service (see `service_epoch`); `input_context` is then not used.
 
   Raises:
     DataError: data_dir missing, builder unknown or not prepared there.
   """
   import tensorflow_datasets as tfds
   stream = stream.resolved()
-  if stream.service_epoch:
-    raise ValueError("tfds streams have no service_epoch: the tf.data service splits "
-                     "TFRecord shards (see pipeline.tfrecord_stream).")
   builder = load_tfds_builder(name, data_dir)
+  if stream.service_epoch:
+    return service_epoch(builder, split, stream, read)
   read_config = tfds.ReadConfig(
       input_context=input_context, shuffle_seed=stream.shuffle_seed,
       interleave_cycle_length=read.cycle_length, try_autocache=False)
   records = builder.as_dataset(
       split=split, shuffle_files=stream.is_training, read_config=read_config,
       decoders={"image": tfds.decode.SkipDecoding()})
-  records = records.map(lambda example: {"image_bytes": example["image"],
-                                         "label": tf.cast(example["label"], tf.int32),
-                                         "filename": example.get("file_name", ""),
-                                         "bboxes": tf.zeros([0, 4], tf.float32)})
+  records = records.map(_example_dict)
   if read.cache:
     records = records.cache()
   if stream.is_training:
@@ -74,6 +79,56 @@ def tfds_stream(name, data_dir, split, stream, read=pipeline.ReadOptions(),
   return records.enumerate().skip(stream.skip_examples).map(
       lambda position, example: (tf.random.experimental.stateless_fold_in(
           base_key, position), example))
+
+
+def service_epoch(builder, split, stream, read=pipeline.ReadOptions()):
+  """One epoch of a tfds split, made to be split by file among tf.data service workers.
+
+  `builder.as_dataset` cannot be split by the service: it asserts the split's example
+  count, so a worker handed some of the files fails ("Input dataset was expected to
+  contain 11 elements but contained only 8 elements", tf 2.20 / tfds 4.9), and with
+  `shuffle_files` the file shuffle draws every file into the first worker. But a
+  prepared tfds split is TFRecord files of serialized examples (the builder's
+  `file_format`, checked here), listed with their paths in the split's file
+  instructions, so the TFRecord stream's service epoch
+  (`pipeline.service_epoch_records`) applies to them as to our own shards, and the
+  builder's own feature spec parses the records (plain TensorFlow ops, which the
+  service can serialise; the image stays encoded). The workers open the files by the
+  paths this host sees: they must read the same data_dir (a shared file system, or
+  GCS).
+
+  Raises:
+    DataError: the split is not stored as TFRecord files.
+  """
+  import tensorflow_datasets as tfds
+  file_format = builder.info.file_format
+  if file_format is not None and file_format != tfds.core.FileFormat.TFRECORD:
+    raise DataError(f"{builder.name} is stored as {file_format.value} files; the "
+                    "tf.data service reads tfds data sets stored as TFRecord files "
+                    f"(rebuild it with `tfds build {builder.name} "
+                    "--file_format=tfrecord`).")
+  instructions = builder.info.splits[split].file_instructions
+  # (path, records to skip, records to take) per file: a sub-split ("train[:10%]")
+  # reads parts of files.
+  files = tf.data.Dataset.from_tensor_slices((
+      [instruction.filename for instruction in instructions],
+      tf.constant([instruction.skip for instruction in instructions], tf.int64),
+      tf.constant([instruction.take for instruction in instructions], tf.int64)))
+
+  def interleave_files(file_parts):
+    return file_parts.interleave(
+        lambda path, skip, take: tf.data.TFRecordDataset(
+            path, buffer_size=read.read_buffer_bytes).skip(skip).take(take),
+        cycle_length=read.cycle_length, block_length=read.block_length,
+        num_parallel_calls=read.num_parallel_reads, deterministic=False)
+
+  features = builder.info.features
+  records = pipeline.service_epoch_records(files, interleave_files, read,
+                                           pipeline.host_stream_key(stream, None))
+  return records.map(
+      lambda seed, record: (seed, _example_dict(features.deserialize_example(
+          record, decoders={"image": tfds.decode.SkipDecoding()}))),
+      num_parallel_calls=read.num_parallel_calls, deterministic=False)
 
 
 def create_tfds_dataset(name, data_dir, split, *, stream, preprocess, batch,

@@ -1,7 +1,8 @@
 """The training input through a tf.data service on loopback: a dispatcher and two
-workers in this process feed 8 logical CPU replicas."""
+workers in this process feed 8 logical CPU replicas, one host or two sharing a job."""
 
 import collections
+import io
 import os
 import socket
 import subprocess
@@ -13,8 +14,11 @@ logical_devices.configure_logical_cpus()
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 import tensorflow as tf
+from PIL import Image
 
 import input_pipeline
+from input_pipeline import dataset_info
+from input_pipeline import schema
 from training import config as config_lib
 from training import data_service
 from training import data_sources
@@ -29,6 +33,94 @@ def _closed_port():
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
+
+
+def _jpeg(seed):
+  pixels = np.random.default_rng(seed).integers(0, 256, (24, 32, 3), np.uint8)
+  output = io.BytesIO()
+  Image.fromarray(pixels).save(output, format="JPEG", quality=90)
+  return output.getvalue()
+
+
+def _write_id_labelled_shards(directory, num_shards, examples_per_shard):
+  """ImageNet-schema train and validation shards; a record's label is its id."""
+  os.makedirs(directory, exist_ok=True)
+  num_examples = num_shards * examples_per_shard
+  for split in ("train", "validation"):
+    counts = {}
+    for shard in range(num_shards):
+      name = f"{split}-{shard:05d}-of-{num_shards:05d}"
+      with tf.io.TFRecordWriter(os.path.join(directory, name)) as writer:
+        for i in range(shard * examples_per_shard, (shard + 1) * examples_per_shard):
+          writer.write(schema.make_example(_jpeg(i), i, 24, 32).SerializeToString())
+      counts[name] = examples_per_shard
+    dataset_info.write_split_info(directory, split, counts,
+                                  [str(i) for i in range(num_examples)])
+  return num_examples
+
+
+def _prepare_id_labelled_tfds(data_dir, num_examples, num_shards):
+  """A tfds builder with train and validation splits; a train label is its id."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds.disable_progress_bar()
+
+  class ServedToyImages(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(24, 32, 3), encoding_format="jpeg"),
+          "label": tfds.features.ClassLabel(num_classes=num_examples)}))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {"train": self._generate_examples(num_examples),
+              "validation": self._generate_examples(4)}
+
+    def _generate_examples(self, count):
+      for i in range(count):
+        yield i, {"image": np.random.default_rng(i).integers(0, 256, (24, 32, 3),
+                                                             np.uint8),
+                  "label": i}
+
+  ServedToyImages(data_dir=data_dir).download_and_prepare(
+      download_config=tfds.download.DownloadConfig(num_shards=num_shards))
+  return "served_toy_images"
+
+
+def _epoch_cuts(streams, num_examples, num_epochs, starts=(0, 0)):
+  """Every way to cut the two hosts' ids into epochs holding each id once.
+
+  A host reads a job to its end before its `repeat` starts the next epoch's job, so
+  its stream is its part of epoch 0, then of epoch 1, ...; where the cuts fall depends
+  on which host the workers answered first. Yields, for each way of cutting the
+  first `num_epochs` epochs so that each holds every one of `num_examples` ids
+  exactly once across the hosts together, the list of each epoch's (host 0's part,
+  host 1's part). Nothing is yielded if some id came twice in an epoch or is missing.
+  """
+  if not num_epochs:
+    yield []
+    return
+  everything = list(range(num_examples))
+  first, second = streams
+  for taken in range(num_examples + 1):
+    ends = (starts[0] + taken, starts[1] + num_examples - taken)
+    if ends[0] > len(first) or ends[1] > len(second):
+      continue
+    parts = (first[starts[0]:ends[0]], second[starts[1]:ends[1]])
+    if sorted(parts[0] + parts[1]) == everything:
+      for later in _epoch_cuts(streams, num_examples, num_epochs - 1, ends):
+        yield [parts] + later
+
+
+def _two_host_ids(datasets, batches_per_host):
+  """Each host's labels (ids), reading the hosts' datasets in turn, as one step would."""
+  iterators = [iter(dataset) for dataset in datasets]
+  streams = ([], [])
+  for _ in range(batches_per_host):
+    for host, iterator in enumerate(iterators):
+      streams[host].extend(int(label) for label in next(iterator)[1].numpy())
+  return streams
 
 
 class DataServiceTest(tf.test.TestCase):
@@ -84,6 +176,56 @@ class DataServiceTest(tf.test.TestCase):
     self.assertEqual(collections.Counter(labels[:count]),
                      collections.Counter(in_files))
 
+  def _two_hosts_of(self, config, start_step):
+    """The training datasets two hosts of 4 replicas each build, from one config."""
+    source = data_sources.data_source_for(config.data, config.loop)
+    contexts = [tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=host,
+                                           num_replicas_in_sync=8) for host in range(2)]
+    return source, [source.make_train_dataset(context, start_step)
+                    for context in contexts]
+
+  def _check_shared_epochs(self, config, start_step, num_epochs=2):
+    """Two hosts on one job: each epoch gives every record once across both."""
+    source, datasets = self._two_hosts_of(config, start_step)
+    count = source.num_train_examples
+    # Per-replica batches of 2; a host's share of an epoch is at most all of it.
+    streams = _two_host_ids(datasets, batches_per_host=num_epochs * count // 2)
+    cuts = list(_epoch_cuts(streams, count, num_epochs))
+    self.assertNotEmpty(cuts, f"no epoch holds each id once: {streams}")
+    # One job per epoch shared by both hosts, not a job per host: with a job per host
+    # each host's stream would be whole epochs of its own, and a cut giving each
+    # host a quarter or more of one epoch would need two such prefixes to be
+    # complementary by chance (under 1 in 10^4 here). A host can take a whole epoch
+    # when the other joins late, as first come, first served allows, but not all.
+    self.assertTrue(any(min(len(first), len(second)) >= count // 4
+                        for cut in cuts for first, second in cut),
+                    f"no epoch shared by both hosts: {streams}")
+    return cuts[0]
+
+  def test_two_hosts_share_each_epochs_job_and_a_resume_gets_its_own(self):
+    data_dir = os.path.join(self.model_dir, "id_labelled")
+    count = _write_id_labelled_shards(data_dir, num_shards=4, examples_per_shard=6)
+    config = self._config(dataset="imagenet", data_dir=data_dir, num_classes=count,
+                          model_dir=os.path.join(self.model_dir, "two_hosts"))
+    names = [data_service.job_name_for(config.loop.model_dir, step, 2)
+             for step in (0, 5)]
+    self.assertNotEqual(names[0], names[1])
+    self.assertIsNone(data_service.job_name_for(config.loop.model_dir, 0, 1))
+    first_run = self._check_shared_epochs(config, start_step=0)
+    # Epochs are jobs of their own: the second is shuffled anew.
+    self.assertNotEqual(first_run[0], first_run[1])
+    # A resumed run (from step 5, on the same live service) gets a new job name: the
+    # first run's job of that epoch is not reused, and its epochs are whole again.
+    self._check_shared_epochs(config, start_step=5)
+
+  def test_tfds_data_set_through_the_service_on_two_hosts(self):
+    data_dir = os.path.join(self.model_dir, "tfds")
+    count = 32
+    name = _prepare_id_labelled_tfds(data_dir, num_examples=count, num_shards=4)
+    config = self._config(dataset=f"tfds/{name}", data_dir=data_dir, num_classes=count,
+                          model_dir=os.path.join(self.model_dir, "tfds_run"))
+    self._check_shared_epochs(config, start_step=0)
+
   def test_training_through_the_service_completes(self):
     config = self._config(train_steps=4, log_every_steps=2, checkpoint_every_steps=2,
                           model_dir=os.path.join(self.model_dir, "train"))
@@ -95,7 +237,7 @@ class DataServiceTest(tf.test.TestCase):
 
   def test_config_errors_name_the_flag(self):
     with self.assertRaisesRegex(config_lib.ConfigError,
-                                r"^--data_service_address: .*TFRecord"):
+                                r"^--data_service_address: .*files .*not synthetic"):
       self._config(dataset="synthetic")
     with self.assertRaisesRegex(config_lib.ConfigError,
                                 r"^--data_service_address: .*not host:port"):

@@ -8,12 +8,14 @@ import io  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import numpy as np
 import tensorflow as tf
+import tf_keras
 from absl.testing import parameterized
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
 from input_pipeline import preprocessing
 from tests import bad_images
+from training import model as model_lib
 
 
 def _photo():
@@ -329,6 +331,60 @@ class PreprocessTest(tf.test.TestCase, parameterized.TestCase):
         lambda b: preprocessing.preprocess_for_train(b, tf.zeros([0, 4]), [1, 1],
                                                      image_size=32), png)
     self.assertEqual(train.shape, (32, 32, 3))
+
+
+# Rounding to a pixel level moves a value by at most half a level: in normalised units
+# 0.5 / stddev, largest for the smallest stddev (green's, 0.224 * 255).
+_ROUNDING_BOUND = 0.5 / min(preprocessing.IMAGENET_STDDEV_RGB) + 1e-5
+
+
+class PixelOutputTest(tf.test.TestCase, parameterized.TestCase):
+  """uint8 pixels out of the host, normalised on the device by the model."""
+
+  def _host_and_pixels(self, is_training, resize_method="bilinear"):
+    jpeg = _jpeg(_photo())
+    config = lambda dtype: preprocessing.PreprocessConfig(
+        image_size=56, resize_method=resize_method, dtype=dtype)
+    def run(image_bytes, dtype):
+      example = preprocessing.preprocessing_for(config(dtype), is_training)
+      seed = tf.constant([3, 4], tf.int64)
+      return example.finish(example.decode(image_bytes, tf.zeros([0, 4]), seed), seed)
+    return (run(jpeg, tf.float32), run(jpeg, tf.uint8),
+            _in_dataset_map(lambda image_bytes: run(image_bytes, tf.uint8), jpeg))
+
+  @parameterized.parameters(True, False)
+  def test_pixels_are_the_host_images_before_normalising_rounded(self, is_training):
+    host, pixels, in_map = self._host_and_pixels(is_training)
+    self.assertEqual(pixels.dtype, tf.uint8)
+    self.assertEqual(pixels.shape, (56, 56, 3))
+    self.assertAllEqual(pixels, in_map)
+    # The same crop, resize and flip: the host's values, un-normalised, are within
+    # half a level of the pixels (and not all on one level: a real photograph).
+    unnormalised = (host.numpy() * np.array(preprocessing.IMAGENET_STDDEV_RGB)
+                    + np.array(preprocessing.IMAGENET_MEAN_RGB))
+    self.assertAllLessEqual(np.abs(pixels.numpy() - unnormalised), 0.5 + 1e-3)
+    self.assertGreater(len(np.unique(pixels.numpy())), 100)
+    self.assertAllClose(preprocessing.normalize_image(pixels), host, rtol=0,
+                        atol=_ROUNDING_BOUND)
+
+  def test_overshooting_resize_is_clipped(self):
+    _, pixels, _ = self._host_and_pixels(True, resize_method="lanczos3")
+    self.assertEqual(pixels.dtype, tf.uint8)
+    overshoot = preprocessing.to_pixels(tf.constant([-3.2, 0.4, 254.6, 260.0]),
+                                        "lanczos3")
+    self.assertAllEqual(overshoot, [0, 0, 255, 255])
+
+  def test_model_normalises_pixels_as_the_host_would(self):
+    identity = tf_keras.Sequential([tf_keras.layers.Lambda(lambda images: images)])
+    classifier = model_lib.ImageClassifier(identity, global_batch_size=2, num_classes=3)
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 5, 6, 3)).astype(np.uint8)
+    on_device = tf.function(lambda images: classifier(images, training=True))
+    host = preprocessing.normalize_image(pixels)
+    self.assertAllClose(on_device(tf.constant(pixels)), host, rtol=0, atol=1e-6)
+    self.assertAllClose(classifier(tf.constant(pixels), training=False), host, rtol=0,
+                        atol=1e-6)
+    # Float inputs (synthetic data, host-normalised images) go in unchanged.
+    self.assertAllEqual(classifier(host), host)
 
 
 if __name__ == "__main__":

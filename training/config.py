@@ -111,11 +111,11 @@ class DataConfig:
                f"directory {self.data_dir!r} does not exist; pass the folder that "
                "holds the train-*/validation-* shards")
     if self.data_service_address:
-      # The service splits the TFRecord stream by shard (see training/data_service.py);
-      # tfds streams and synthetic batches have no such split.
-      _require(self.dataset in ("digits", "imagenet"), "data_service_address",
-               f"the tf.data service serves the TFRecord data sets (digits, imagenet), "
-               f"not {self.dataset}; drop --data_service_address")
+      # The service splits the record files by shard (see training/data_service.py;
+      # a tfds split is TFRecord files too); synthetic batches have no files to split.
+      _require(self.dataset != "synthetic", "data_service_address",
+               "the tf.data service serves data sets read from files (digits, "
+               "imagenet, tfds/<builder>), not synthetic; drop --data_service_address")
       try:
         service_address.split_address(self.data_service_address)
       except service_address.AddressError as e:

@@ -15,7 +15,12 @@ order depends on which worker answers first.
 
 Epochs: one service job is one epoch (`StreamOptions.service_epoch`), and `repeat`
 after `distribute` starts the next job when the last one runs dry, so epochs do not
-overlap. Resume: the service's order is not a function of position, so it cannot skip
+overlap. With several hosts the job has a name (`job_name_for`), and each repetition
+is a new job under that name: every host's k-th epoch joins the same k-th job, which
+gives each example to one host (tests/data_service_test.py checks two hosts over two
+epochs, and a resume). A host reads its part of an epoch to the job's end before it
+starts the next, so a fast host can run ahead into the next epoch's job while a slow
+one finishes the last. Resume: the service's order is not a function of position, so it cannot skip
 to a step. A resumed run starts a fresh epoch: the examples of the interrupted epoch
 already trained on are seen again, up to one epoch's worth, and the run still stops at
 its configured step. The same holds for each new `fit` segment of a run (a short loop
@@ -57,9 +62,9 @@ def served_epochs(one_epoch, address, job_name=None):
 
 
 def warn_not_deterministic(seed):
-  """Says once that --seed no longer fixes the data order."""
-  logging.log_first_n(
-      logging.WARNING, "--data_service_address: the tf.data service's %s order is "
+  """Says that --seed no longer fixes the data order (the caller says it once a run)."""
+  logging.warning(
+      "--data_service_address: the tf.data service's %s order is "
       "not deterministic, so --seed=%d fixes the initialisation but not the order "
       "of the training examples, and a resumed run restarts its epoch (see "
-      "training/data_service.py).", 1, PROCESSING_MODE, seed)
+      "training/data_service.py).", PROCESSING_MODE, seed)

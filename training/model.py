@@ -11,6 +11,7 @@ import weakref
 import tensorflow as tf
 import tf_keras
 
+from input_pipeline import preprocessing
 from training import weight_decay
 
 
@@ -129,6 +130,10 @@ class ImageClassifier(tf_keras.Model):
     return [self.loss_tracker, self.top1, self.top5, self.image_count]
 
   def call(self, images, training=False):
+    if images.dtype == tf.uint8:
+      # Pixels from the input pipeline (training and evaluation alike): normalised
+      # here, on the device, by the function the host would have run.
+      images = preprocessing.normalize_image(images)
     return self.backbone(images, training=training)
 
   def per_example_loss(self, labels, logits):

@@ -29,7 +29,8 @@ from allreduce.topology import TopologyError, TorusTopology, parse_grid
 # allocate and walk buffers far beyond the cache, with nothing overlapping, and was
 # several times slower than packs of a few MiB (docs/RESULTS.md, "Gradient pack
 # size"). Packs of 16 MiB keep ResNet-50 to 7 packs (on 2x4, 28 collective ops per
-# replica off NCCL, 21 under it), too few for per-op cost to show. The config's --allreduce_pack_mb default is this value.
+# replica off NCCL, 21 under it), too few for per-op cost to show. The config's
+# --allreduce_pack_mb default is this value.
 DEFAULT_PACK_SIZE_BYTES = 16 * 1024 * 1024
 
 _SUMMED_IN_FLOAT32 = (tf.bfloat16, tf.float16)

@@ -7,8 +7,9 @@ never raw collective ops, so the same model code runs on two back ends:
   with a `group_assignment` (or source-target) constant, the ops XLA turns into
   interconnect collectives on a TPU pod.
 * `CollectiveOpsBackend`: TensorFlow's collective ops (`CollectiveReduceV2`,
-  `CollectiveAllToAllV2`, `CollectiveGatherV2`) for CPU, GPU and multi-worker
-  strategies, with one group key per group of replicas.
+  `CollectiveAllToAllV2`, `CollectiveGatherV2`, and off NCCL
+  `CollectiveBcastSendV2`/`RecvV2` for a reduce-scatter of separately built chunks)
+  for CPU, GPU and multi-worker strategies, with one group key per group of replicas.
 
 Whoever builds a layer or an aggregator may hand it any `CollectiveBackend`, so a
 test can wrap one of these (tests/collective_recorder.py records what it is asked to
@@ -90,6 +91,18 @@ class CollectiveBackend:
   def all_gather(self, value, group_assignment: GroupAssignment):
     """The group's `value`s concatenated along axis 0 in rank order."""
     raise NotImplementedError
+
+  def reduce_scatter_chunks(self, chunks: Sequence[tf.Tensor],
+                            group_assignment: GroupAssignment):
+    """`reduce_scatter_sum` of the buffer `tf.concat(chunks)`, handed over as its
+    `group_size` equal 1-D chunks (chunk r is the one rank r receives the sum of).
+
+    The default concatenates and calls `reduce_scatter_sum`; a back end that can send
+    each chunk as it is, without first copying it into one buffer, overrides it.
+    """
+    chunks = list(chunks)
+    return self.reduce_scatter_sum(
+        chunks[0] if len(chunks) == 1 else tf.concat(chunks, axis=0), group_assignment)
 
 
 def _replica_context():
@@ -250,6 +263,8 @@ class _CollectiveKeys:
     could not start before the last batch-norm collective of the backward pass had
     been issued, so summation could not overlap backprop. Collectives are matched
     by instance key, so two chains on one group meet whatever order they run in.
+    Broadcasts (`CollectiveBcastSendV2`/`RecvV2`) take no token: they run when
+    their inputs are ready, matched by instance key alone.
   """
 
   def __init__(self):
@@ -293,21 +308,32 @@ class CollectiveOpsBackend(CollectiveBackend):
   positions in the caller's lists.
 
   Reduce-scatter is `CollectiveAllToAllV2` plus a local sum (TensorFlow has no CPU
-  kernel for `CollectiveReduceScatterV2`). `timeout_seconds` bounds every wait, so a
-  missing peer fails the step instead of hanging it; 0 waits forever.
+  implementation of `CollectiveReduceScatterV2`). `reduce_scatter_chunks` off NCCL
+  is a pairwise exchange instead: each chunk goes to its owner by a broadcast over
+  the pair, sent straight from the chunk (the all-to-all copies its whole input,
+  the replica's own chunk too, into a new buffer; on one host that copy is the
+  reduce-scatter's largest cost after the sum; docs/RESULTS.md, "2-D torus
+  all-reduce"). `timeout_seconds` bounds every wait, so a missing peer fails the
+  step instead of hanging it; 0 waits forever.
 
   `chain` names the sequence this back end's collectives are ordered in (see
   `_CollectiveKeys`): batch norm's run apart from the gradients', so a gradient
-  pack is not held behind a later layer's batch-norm backward collective. NCCL
-  needs one launch order per communicator, across processes too, so with NCCL
-  every back end shares one chain per group.
+  pack is not held behind a later layer's batch-norm backward collective.
+  All-gathers have a chain of their own on each group (`<chain>_all_gathers`):
+  the torus aggregator's first pack's all-gather can then start as soon as that
+  pack's column all-reduce is done, not behind the last pack's reduce-scatter on
+  the same row. NCCL needs one launch order per communicator, across processes
+  too, so with NCCL every back end and every kind of collective shares one chain
+  per group, and reduce-scatters stay all-to-alls (an ordered op).
   """
 
   def __init__(self, timeout_seconds: float = 0.0, communication_hint: str = "auto",
                chain: str = "gradients"):
     self._timeout_seconds = float(timeout_seconds)
     self._communication_hint = communication_hint
-    self._chain = "nccl" if communication_hint == "nccl" else chain
+    self._nccl = communication_hint == "nccl"
+    self._chain = "nccl" if self._nccl else chain
+    self._gather_chain = self._chain if self._nccl else f"{chain}_all_gathers"
 
   def _group(self, group_assignment):
     """This replica's id and group, validated (nothing allocated yet)."""
@@ -320,13 +346,23 @@ class CollectiveOpsBackend(CollectiveBackend):
     groups = check_group_assignment(group_assignment, context.num_replicas_in_sync)
     return int(replica_id), group_of(groups, int(replica_id))
 
-  def _launch_params(self, replica_id, group):
-    """Keys and token for one collective of this replica on `group`.
+  def _launch_params(self, replica_id, group, chain=None):
+    """Keys and token for one collective of this replica on `group`, ordered in
+    `chain` (default: the back end's).
 
     Allocates an instance key, so it is called only once every check has passed:
     a replica that raised after allocating would leave its group's counters out of
     step, and the group's next collective would wait forever.
     """
+    params = self._broadcast_params(replica_id, group)
+    params["ordering_token"] = [_KEYS.ordering_token(
+        _replica_device(_replica_context()), params["group_key"],
+        chain or self._chain)]
+    return params
+
+  def _broadcast_params(self, replica_id, group):
+    """Keys for one collective of this replica on `group`, without a token
+    (broadcasts take none). Allocates an instance key, as `_launch_params`."""
     context = _replica_context()
     group_key = _KEYS.group_key(
         self._group_identity(context, group, context.num_replicas_in_sync))
@@ -334,8 +370,6 @@ class CollectiveOpsBackend(CollectiveBackend):
         group_size=len(group),
         group_key=group_key,
         instance_key=_KEYS.next_instance_key(group_key, replica_id),
-        ordering_token=[_KEYS.ordering_token(_replica_device(context), group_key,
-                                                self._chain)],
         communication_hint=self._communication_hint,
         timeout_seconds=self._timeout_seconds)
 
@@ -379,7 +413,7 @@ class CollectiveOpsBackend(CollectiveBackend):
     if len(group) == 1:
       return tf.identity(value)
     gathered = tf.raw_ops.CollectiveGatherV2(
-        input=value, **self._launch_params(replica_id, group))
+        input=value, **self._launch_params(replica_id, group, self._gather_chain))
     # Pieces arrive in TensorFlow's rank order (ascending replica id).
     ranked = sorted(group)
     order = [ranked.index(member) for member in group]
@@ -387,6 +421,42 @@ class CollectiveOpsBackend(CollectiveBackend):
       pieces = tf.reshape(gathered, tf.concat([[len(group)], tf.shape(value)], 0))
       gathered = tf.reshape(tf.gather(pieces, order), tf.shape(gathered))
     return gathered
+
+  def reduce_scatter_chunks(self, chunks, group_assignment):
+    chunks = [tf.convert_to_tensor(c) for c in chunks]
+    replica_id, group = self._group(group_assignment)
+    if self._nccl or len(group) == 1:
+      return super().reduce_scatter_chunks(chunks, group_assignment)
+    if len(chunks) != len(group):
+      raise ValueError(f"reduce_scatter_chunks takes one chunk per member of the "
+                       f"group ({len(group)}), got {len(chunks)}")
+    shape, dtype = chunks[0].shape, chunks[0].dtype
+    if (shape.rank != 1 or not shape.is_fully_defined()
+        or any(c.shape != shape or c.dtype != dtype for c in chunks)):
+      raise ValueError("reduce_scatter_chunks takes 1-D chunks of one static length "
+                       "and dtype, got " + ", ".join(
+                           f"{c.shape} {c.dtype.name}" for c in chunks))
+    rank = group.index(replica_id)
+    received, sent = [], []
+    for peer_rank, peer in enumerate(group):
+      if peer == replica_id:
+        continue
+      # One group per pair: chunk k goes to member k alone, straight from the
+      # chunk (a broadcast sends its input as it is, where an all-to-all first
+      # copies every chunk, its own too, into its output). Both members take the
+      # pair's two instance keys in the same order: the smaller replica id's
+      # send first.
+      pair = tuple(sorted((replica_id, peer)))
+      first = self._broadcast_params(replica_id, pair)
+      second = self._broadcast_params(replica_id, pair)
+      send, receive = (first, second) if replica_id == pair[0] else (second, first)
+      sent.append(tf.raw_ops.CollectiveBcastSendV2(input=chunks[peer_rank], **send))
+      received.append(tf.raw_ops.CollectiveBcastRecvV2(shape=shape, T=dtype,
+                                                      **receive))
+    # Broadcasts are not chained by automatic control dependencies, and a send's
+    # output is not used: without this edge the sends would be pruned.
+    with tf.control_dependencies(sent):
+      return tf.add_n([chunks[rank]] + received)
 
 
 def _replica_device(context) -> str:

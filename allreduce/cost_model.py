@@ -21,7 +21,11 @@ Two schedules are counted for every phase:
     implementation (allreduce/torus_aggregator.py), per back end (`backend=`):
     - "collective_ops" (CPU/GPU): the reduce-scatter is one `CollectiveAllToAllV2`
       plus a local sum, the y all-reduce one `CollectiveReduceV2`, the all-gather
-      one `CollectiveGatherV2`;
+      one `CollectiveGatherV2`. That is the reduce-scatter under NCCL and through
+      `CollectiveBackend.reduce_scatter_sum`; off NCCL the aggregator hands the
+      back end each pack as its x chunks (`reduce_scatter_chunks`), which it
+      exchanges by x - 1 pair broadcasts each way, 2 (x - 1) ops for the same bytes,
+      not counted here (tests/collective_recorder.py records the all-to-all path);
     - "tpu": the reduce-scatter is one `XlaReduceScatter`, the y all-reduce one
       `CrossReplicaSum`, the all-gather 2 (x - 1) `CollectivePermute`s, the ring
       itself (x - 1 steps, half of each piece each way round).

@@ -28,8 +28,9 @@ from allreduce.topology import TopologyError, TorusTopology, parse_grid
 # A few packs, not one: a single pack of the whole gradient makes each collective
 # allocate and walk buffers far beyond the cache, with nothing overlapping, and was
 # several times slower than packs of a few MiB (docs/RESULTS.md, "Gradient pack
-# size"). Packs of 16 MiB keep ResNet-50 to 7 packs (21 collectives per replica), too
-# few for per-op cost to show. The config's --allreduce_pack_mb default is this value.
+# size"). Packs of 16 MiB keep ResNet-50 to 7 packs (on 2x4, 28 collective ops per
+# replica off NCCL, 21 under it), too few for per-op cost to show. The config's
+# --allreduce_pack_mb default is this value.
 DEFAULT_PACK_SIZE_BYTES = 16 * 1024 * 1024
 
 _SUMMED_IN_FLOAT32 = (tf.bfloat16, tf.float16)
@@ -68,6 +69,38 @@ class Pack:
     if self.padding:
       parts.append(tf.zeros([self.padding], self.dtype))
     return parts[0] if len(parts) == 1 else tf.concat(parts, axis=0)
+
+  def to_chunks(self, members, num_chunks: int) -> List[tf.Tensor]:
+    """The flat buffer of `to_buffer` as `num_chunks` equal chunks, each built on
+    its own (a back end can then send each one without cutting it out of a copy).
+
+    `num_chunks` must divide the length (plan_packs makes it a multiple of the
+    shard count).
+    """
+    if self.length % num_chunks:
+      raise ValueError(f"a pack of {self.length} elements does not split into "
+                       f"{num_chunks} chunks")
+    if num_chunks == 1:
+      return [self.to_buffer(members)]
+    flat = [tf.reshape(tf.cast(tensor, self.dtype), [-1]) for tensor in members]
+    chunk_length = self.length // num_chunks
+    chunks = []
+    for chunk in range(num_chunks):
+      start, stop = chunk * chunk_length, (chunk + 1) * chunk_length
+      parts, position, offset = [], start, 0
+      for tensor, size, slot in zip(flat, self.sizes, self.slots):
+        begin, end = max(start, offset), min(stop, offset + size)
+        if begin < end:
+          if begin > position:
+            parts.append(tf.zeros([begin - position], self.dtype))
+          parts.append(tensor if end - begin == size
+                       else tensor[begin - offset:end - offset])
+          position = end
+        offset += slot
+      if stop > position:
+        parts.append(tf.zeros([stop - position], self.dtype))
+      chunks.append(parts[0] if len(parts) == 1 else tf.concat(parts, axis=0))
+    return chunks
 
   def from_buffer(self, buffer: tf.Tensor) -> List[tf.Tensor]:
     """The members read back out of a flat `buffer`, flat, in the buffer's dtype."""
@@ -212,11 +245,15 @@ class TorusGradientAggregator:
     rows = self.grid.row_groups()
     columns = self.grid.column_groups()
 
-    # Phases run breadth-first over the packs: every replica orders its collectives
-    # in issue order, so pack k+1's reduce-scatter is on the wire while pack k's
-    # received chunks are being summed.
-    buffers = [pack.to_buffer([dense[i] for i in pack.indices]) for pack in packs]
-    shards = [backend.reduce_scatter_sum(b, rows) for b in buffers]
+    # Phases are issued breadth-first over the packs; each back end orders a group's
+    # collectives of one kind in issue order, so pack k+1's reduce-scatter is on the
+    # wire while pack k's received chunks are being summed, and pack k's all-gather
+    # can start once its column all-reduce is done (all-gathers have a chain of
+    # their own, see collectives.CollectiveOpsBackend). Each pack is built as its
+    # x shards, which the collective-ops back end sends without a further copy.
+    chunks = [pack.to_chunks([dense[i] for i in pack.indices], self.grid.x_size)
+              for pack in packs]
+    shards = [backend.reduce_scatter_chunks(c, rows) for c in chunks]
     shards = [backend.all_reduce_sum(s, columns) for s in shards]
     if self.average:
       # Dividing the shard, not the full buffer, touches 1/X of the data.

@@ -15,10 +15,12 @@ The first grid listed gives the ratio on the last line.
 """
 
 import argparse
+import functools
 import os
 import statistics
 import sys
 import time
+from typing import Callable, Dict, List, Mapping, Tuple
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -53,6 +55,33 @@ def resnet50_variable_shapes():
       cin = 4 * width
   shapes.extend([(2048, 1000), (1000,)])
   return shapes
+
+
+def median_times(functions: Mapping[str, Callable[[], object]], runs: int,
+                 warmups: int = 2) -> Tuple[Dict[str, float], Dict[str, List[float]]]:
+  """The benchmarks' one timing loop: times each of `functions` `runs` times,
+  alternating; returns (medians, times).
+
+  Every function runs once per round, round after round, so that all of them see the
+  same machine state (on a shared 2-core host the load moves within a minute). Each
+  runs `warmups` times first (tracing, first-run allocations), untimed. A function
+  must return only once its work is done (e.g. by reading a value of its result).
+  Both dicts are keyed like `functions`; `times` holds every run's seconds in order.
+  (Here rather than in a module of its own: every file under benchmarks/ is a
+  binary, and the other benchmarks already import this one.)
+  """
+  if runs < 1:
+    raise ValueError(f"runs must be at least 1, got {runs}")
+  for function in functions.values():
+    for _ in range(warmups):
+      function()
+  times = {name: [] for name in functions}
+  for _ in range(runs):
+    for name, function in functions.items():
+      start = time.perf_counter()
+      function()
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}, times
 
 
 def main(argv=None):
@@ -133,17 +162,14 @@ def main(argv=None):
       assert error < 1e-4, f"{name} disagrees with the strategy by {error}"
     del out
 
-  times = {name: [] for name in contenders}
-  for _ in range(args.runs):
-    for name, fn in contenders.items():
-      start = time.perf_counter()
-      out = fn(gradients)
-      # The function returns when its ops have run; touching one value makes sure.
-      strategy.experimental_local_results(out)[0][0].numpy()
-      times[name].append(time.perf_counter() - start)
-      del out
+  def run(fn):
+    # The function returns when its ops have run; touching one value makes sure.
+    strategy.experimental_local_results(fn(gradients))[0][0].numpy()
 
-  medians = {name: statistics.median(t) for name, t in times.items()}
+  # Warmed up above.
+  medians, times = median_times(
+      {name: functools.partial(run, fn) for name, fn in contenders.items()},
+      args.runs, warmups=0)
   for name, t in times.items():
     print(f"{name:>20}: median {medians[name]:.3f} s over {len(t)} runs "
           f"(min {min(t):.3f}, max {max(t):.3f})")

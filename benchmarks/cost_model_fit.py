@@ -19,15 +19,16 @@ Last line: `held_out_prediction_error: <percent>%` (target: within 25%).
 """
 
 import argparse
+import functools
 import os
-import statistics
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+from benchmarks.allreduce import median_times  # pylint: disable=g-import-not-at-top
 
 NUM_REPLICAS = 8
 
@@ -77,18 +78,12 @@ def main(argv=None):
         return strategy.run(lambda *g: aggregator.all_reduce(list(g)), args=grads)
       contenders[(grid, payload)] = (aggregate, make_gradients(sizes), counts)
 
-  for function, gradients, _ in contenders.values():  # trace and warm up
-    function(gradients)
-    function(gradients)
-  times = {key: [] for key in contenders}
-  for _ in range(args.runs):
-    for key, (function, gradients, _) in contenders.items():
-      start = time.perf_counter()
-      out = function(gradients)
-      strategy.experimental_local_results(out)[0][0].numpy()
-      times[key].append(time.perf_counter() - start)
-      del out
-  medians = {key: statistics.median(t) for key, t in times.items()}
+  def run(function, gradients):
+    strategy.experimental_local_results(function(gradients))[0][0].numpy()
+
+  medians, _ = median_times(
+      {key: functools.partial(run, function, gradients)
+       for key, (function, gradients, _) in contenders.items()}, args.runs)
 
   num_tensors = {payload: len(sizes) for payload, sizes in payloads.items()}
   fit = cost_model.fit_alpha_beta(

@@ -19,7 +19,6 @@ then, last, `sharded_update_speedup: <ratio>x`.
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -27,6 +26,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+from benchmarks.allreduce import median_times  # pylint: disable=g-import-not-at-top
 
 NUM_REPLICAS = 8
 
@@ -96,13 +97,7 @@ def main(argv=None):
     print(f"{name}: first step (trace + run) {time.perf_counter() - start:.1f} s",
           flush=True)
 
-  times = {name: [] for name in steps}
-  for _ in range(args.rounds):
-    for name, step in steps.items():
-      start = time.perf_counter()
-      step()
-      times[name].append(time.perf_counter() - start)
-  medians = {name: statistics.median(t) for name, t in times.items()}
+  medians, times = median_times(steps, args.rounds, warmups=0)
   num_values = sum(v.shape.num_elements() for v in unsharded_variables)
   print(f"{args.optimizer}, grid {grid}, shards={args.shards}, {num_values:,} "
         f"values, {NUM_REPLICAS} replicas, median of {args.rounds} rounds")

@@ -81,9 +81,12 @@ class CollectiveOpsBackendTest(tf.test.TestCase, parameterized.TestCase):
       return (self.backend.all_reduce_sum(tf.constant(matrix[r]), groups),
               self.backend.all_reduce_sum(tf.constant(scalar[r]), groups),
               self.backend.reduce_scatter_sum(tf.constant(flat[r]), groups),
-              self.backend.all_gather(tf.constant(pieces[r]), groups))
+              self.backend.all_gather(tf.constant(pieces[r]), groups),
+              self.backend.reduce_scatter_chunks(
+                  tf.split(tf.constant(flat[r]), group_size), groups))
 
-    summed, summed_scalar, scattered, gathered = run_per_replica(self.strategy, step)
+    summed, summed_scalar, scattered, gathered, exchanged = run_per_replica(
+        self.strategy, step)
     for r in range(8):
       group = collectives.group_of(groups, r)
       rank = group.index(r)
@@ -93,6 +96,7 @@ class CollectiveOpsBackendTest(tf.test.TestCase, parameterized.TestCase):
       self.assertAllEqual(summed_scalar[r], reference_sum(scalar, group))
       shard = np.split(reference_sum(flat, group), group_size)[rank]
       self.assertAllEqual(scattered[r], shard)
+      self.assertAllEqual(exchanged[r], shard)
       self.assertAllEqual(gathered[r], np.concatenate([pieces[m] for m in group]))
       self.assertEqual(gathered[r].dtype, np.int32)
 
@@ -189,6 +193,39 @@ class CollectiveOpsBackendTest(tf.test.TestCase, parameterized.TestCase):
     outputs = run_per_replica(self.strategy, lambda r: self.backend.reduce_scatter_sum(
         tf.fill([8], float(r)), groups))
     self.assertAllEqual(outputs[5], [22.0, 22.0])
+
+  def test_reduce_scatter_chunks_needs_one_equal_chunk_per_member(self):
+    groups = TorusTopology(4, 2).row_groups()
+    with self.assertRaisesRegex(ValueError, "one chunk per member of the group"):
+      run_per_replica(self.strategy, lambda r: self.backend.reduce_scatter_chunks(
+          [tf.zeros([2])] * 3, groups))
+    with self.assertRaisesRegex(ValueError, "one static length"):
+      run_per_replica(self.strategy, lambda r: self.backend.reduce_scatter_chunks(
+          [tf.zeros([2])] * 3 + [tf.zeros([3])], groups))
+    # The failed traces allocated no instance keys: the pairs still work.
+    outputs = run_per_replica(self.strategy, lambda r: self.backend.reduce_scatter_chunks(
+        [tf.fill([2], float(r + 10 * k)) for k in range(4)], groups))
+    self.assertAllEqual(outputs[5], [22.0 + 40.0, 22.0 + 40.0])  # rank 1 of [4..7]
+
+  def test_reduce_scatter_chunks_ops_by_back_end(self):
+    """Off NCCL, a pair broadcast per peer each way and no all-to-all; under NCCL
+    (only traced) the all-to-all of the concatenated chunks, on the one chain."""
+    groups = TorusTopology(2, 4).row_groups()
+
+    def op_types(backend):
+      @tf.function(autograph=False)
+      def run():
+        return self.strategy.run(lambda: backend.reduce_scatter_chunks(
+            [tf.ones([4]), tf.ones([4])], groups))
+      return collections.Counter(
+          op.type for op in run.get_concrete_function().graph.get_operations()
+          if op.type.startswith("Collective") and op.device.endswith("CPU:0"))
+
+    self.assertEqual(op_types(self.backend),
+                     {"CollectiveBcastSendV2": 1, "CollectiveBcastRecvV2": 1})
+    self.assertEqual(
+        op_types(collectives.CollectiveOpsBackend(communication_hint="nccl")),
+        {"CollectiveAllToAllV2": 1})
 
   def test_all_gather_rejects_scalars(self):
     groups = TorusTopology(4, 2).row_groups()

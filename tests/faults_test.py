@@ -397,6 +397,20 @@ class OneProcessInterruptionTest(tf.test.TestCase):
     self.assertIn(f"Resumed from {model_dir}/checkpoints/ckpt-{steps[-2]}",
                   rerun.output())
 
+  def test_a_relative_model_dir_resumes(self):
+    # The default run's --model_dir (runs/cpu_demo) is relative.
+    model_dir = os.path.join(self.root, "relative")
+    shutil.copytree(self.reference_dir, model_dir)
+    os.remove(os.path.join(model_dir, "summary.json"))
+    relative = os.path.relpath(model_dir, REPO_ROOT)  # main.py runs in REPO_ROOT
+    code, process = run_main([f"--model_dir={relative}"] + TINY + ONE_PROCESS,
+                             f"{model_dir}.rerun.log")
+    self.assertEqual(code, 0, process.output()[-3000:])
+    self.assertNotIn("cannot be read", process.output())
+    self.assertIn(f"Resumed from {relative}/checkpoints/ckpt-{self.reference[0]} ",
+                  process.output())
+    self.assertEqual(final_evaluation(model_dir), self.reference)
+
   def test_checkpoint_of_another_model_is_refused(self):
     for flag, value in [("resnet_depth", 18), ("resnet_width", 16),
                         ("num_classes", 12), ("optimizer", "lars")]:

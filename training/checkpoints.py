@@ -55,9 +55,9 @@ def checkpoint_paths(checkpoint_dir):
   state = tf.train.get_checkpoint_state(checkpoint_dir)
   if state is None:
     return []
+  # get_checkpoint_state has already put checkpoint_dir in front of relative paths
+  # (joining it again broke every restore under a relative --model_dir).
   paths = list(state.all_model_checkpoint_paths) or [state.model_checkpoint_path]
-  paths = [p if os.path.isabs(p) or "://" in p else os.path.join(checkpoint_dir, p)
-           for p in paths]
   return sorted(set(paths), key=_checkpoint_number, reverse=True)
 
 

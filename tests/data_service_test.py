@@ -23,6 +23,7 @@ from training import config as config_lib
 from training import data_service
 from training import data_sources
 from training import run as run_lib
+from tests import toy_tfds
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _IMAGE_SIZE = 16
@@ -57,35 +58,6 @@ def _write_id_labelled_shards(directory, num_shards, examples_per_shard):
     dataset_info.write_split_info(directory, split, counts,
                                   [str(i) for i in range(num_examples)])
   return num_examples
-
-
-def _prepare_id_labelled_tfds(data_dir, num_examples, num_shards):
-  """A tfds builder with train and validation splits; a train label is its id."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  tfds.disable_progress_bar()
-
-  class ServedToyImages(tfds.core.GeneratorBasedBuilder):
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          "image": tfds.features.Image(shape=(24, 32, 3), encoding_format="jpeg"),
-          "label": tfds.features.ClassLabel(num_classes=num_examples)}))
-
-    def _split_generators(self, dl_manager):
-      del dl_manager
-      return {"train": self._generate_examples(num_examples),
-              "validation": self._generate_examples(4)}
-
-    def _generate_examples(self, count):
-      for i in range(count):
-        yield i, {"image": np.random.default_rng(i).integers(0, 256, (24, 32, 3),
-                                                             np.uint8),
-                  "label": i}
-
-  ServedToyImages(data_dir=data_dir).download_and_prepare(
-      download_config=tfds.download.DownloadConfig(num_shards=num_shards))
-  return "served_toy_images"
 
 
 def _epoch_cuts(streams, num_examples, num_epochs, starts=(0, 0)):
@@ -221,7 +193,8 @@ class DataServiceTest(tf.test.TestCase):
   def test_tfds_data_set_through_the_service_on_two_hosts(self):
     data_dir = os.path.join(self.model_dir, "tfds")
     count = 32
-    name = _prepare_id_labelled_tfds(data_dir, num_examples=count, num_shards=4)
+    name = toy_tfds.prepare_toy_tfds(
+        data_dir, {"train": count, "validation": 4}, num_shards=4)
     config = self._config(dataset=f"tfds/{name}", data_dir=data_dir, num_classes=count,
                           model_dir=os.path.join(self.model_dir, "tfds_run"))
     self._check_shared_epochs(config, start_step=0)

@@ -22,6 +22,7 @@ from input_pipeline import preprocessing
 from input_pipeline import schema
 from input_pipeline import tfds_source
 from tests import bad_images
+from tests import toy_tfds
 
 IMAGE_SIZE = 16
 
@@ -682,38 +683,11 @@ class SyntheticTest(tf.test.TestCase):
     self.assertAllEqual(labels, labels2)
 
 
-def _prepare_toy_tfds(data_dir, num_examples, num_shards):
-  """A tfds image-classification builder, prepared offline; labels are example ids."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  tfds.disable_progress_bar()
-
-  class ToyEvalImages(tfds.core.GeneratorBasedBuilder):
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          "image": tfds.features.Image(shape=(24, 32, 3), encoding_format="jpeg"),
-          "label": tfds.features.ClassLabel(num_classes=num_examples)}))
-
-    def _split_generators(self, dl_manager):
-      del dl_manager
-      return {"validation": self._generate_examples()}
-
-    def _generate_examples(self):
-      for i in range(num_examples):
-        pixels = np.random.default_rng(i).integers(0, 256, (24, 32, 3), np.uint8)
-        yield i, {"image": pixels, "label": i}
-
-  ToyEvalImages(data_dir=data_dir).download_and_prepare(
-      download_config=tfds.download.DownloadConfig(num_shards=num_shards))
-  return "toy_eval_images"
-
-
 class TfdsSourceTest(tf.test.TestCase):
 
   def test_padded_eval_over_two_hosts_covers_every_example_once(self):
     data_dir = self.get_temp_dir()
-    name = _prepare_toy_tfds(data_dir, num_examples=11, num_shards=3)
+    name = toy_tfds.prepare_toy_tfds(data_dir, {"validation": 11}, num_shards=3)
     split_info = tfds_source.load_tfds_builder(name, data_dir).info.splits["validation"]
     counts = tfds_source.host_example_counts(split_info, 2)
     self.assertEqual(sum(counts), 11)

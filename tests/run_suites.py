@@ -24,7 +24,8 @@ _PARALLEL_SUITES = 2
 # Started first so that the two-at-a-time schedule does not end on one long suite.
 _LONGEST_SUITES = ("faults_test.py", "trainer_test.py", "run_test.py", "config_test.py",
                    "group_batch_norm_test.py", "multiworker_trainer_test.py",
-                   "cost_model_check_test.py", "torus_aggregator_test.py")
+                   "cost_model_check_test.py", "torus_aggregator_test.py",
+                   "sharded_update_test.py")
 
 
 def _run_suite(path, extra_args, report_dir):

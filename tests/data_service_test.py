@@ -168,9 +168,16 @@ class DataServiceTest(tf.test.TestCase):
     # each host's stream would be whole epochs of its own, and a cut giving each
     # host a quarter or more of one epoch would need two such prefixes to be
     # complementary by chance (under 1 in 10^4 here). A host can take a whole epoch
-    # when the other joins late, as first come, first served allows, but not all.
+    # when the other joins late, as first come, first served allows, but not all:
+    # the check looks at every epoch the streams hold whole (they hold up to twice
+    # `num_epochs`), not only the first ones, where one host may have led.
+    whole = []
+    for epochs in range(2 * num_epochs, num_epochs, -1):
+      whole = list(_epoch_cuts(streams, count, epochs))
+      if whole:
+        break
     self.assertTrue(any(min(len(first), len(second)) >= count // 4
-                        for cut in cuts for first, second in cut),
+                        for cut in whole or cuts for first, second in cut),
                     f"no epoch shared by both hosts: {streams}")
     return cuts[0]
 

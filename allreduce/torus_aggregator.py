@@ -70,6 +70,26 @@ class Pack:
       parts.append(tf.zeros([self.padding], self.dtype))
     return parts[0] if len(parts) == 1 else tf.concat(parts, axis=0)
 
+  def window(self, members, start: int, length: int) -> tf.Tensor:
+    """Elements `[start, start + length)` of `to_buffer(members)`, built from the
+    members' own pieces (and zeros for the padding), not cut out of the whole buffer.
+    """
+    flat = [tf.reshape(tf.cast(tensor, self.dtype), [-1]) for tensor in members]
+    stop = start + length
+    parts, position, offset = [], start, 0
+    for tensor, size, slot in zip(flat, self.sizes, self.slots):
+      begin, end = max(start, offset), min(stop, offset + size)
+      if begin < end:
+        if begin > position:
+          parts.append(tf.zeros([begin - position], self.dtype))
+        parts.append(tensor if end - begin == size
+                     else tensor[begin - offset:end - offset])
+        position = end
+      offset += slot
+    if stop > position:
+      parts.append(tf.zeros([stop - position], self.dtype))
+    return parts[0] if len(parts) == 1 else tf.concat(parts, axis=0)
+
   def to_chunks(self, members, num_chunks: int) -> List[tf.Tensor]:
     """The flat buffer of `to_buffer` as `num_chunks` equal chunks, each built on
     its own (a back end can then send each one without cutting it out of a copy).
@@ -82,25 +102,9 @@ class Pack:
                        f"{num_chunks} chunks")
     if num_chunks == 1:
       return [self.to_buffer(members)]
-    flat = [tf.reshape(tf.cast(tensor, self.dtype), [-1]) for tensor in members]
     chunk_length = self.length // num_chunks
-    chunks = []
-    for chunk in range(num_chunks):
-      start, stop = chunk * chunk_length, (chunk + 1) * chunk_length
-      parts, position, offset = [], start, 0
-      for tensor, size, slot in zip(flat, self.sizes, self.slots):
-        begin, end = max(start, offset), min(stop, offset + size)
-        if begin < end:
-          if begin > position:
-            parts.append(tf.zeros([begin - position], self.dtype))
-          parts.append(tensor if end - begin == size
-                       else tensor[begin - offset:end - offset])
-          position = end
-        offset += slot
-      if stop > position:
-        parts.append(tf.zeros([stop - position], self.dtype))
-      chunks.append(parts[0] if len(parts) == 1 else tf.concat(parts, axis=0))
-    return chunks
+    return [self.window(members, chunk * chunk_length, chunk_length)
+            for chunk in range(num_chunks)]
 
   def from_buffer(self, buffer: tf.Tensor) -> List[tf.Tensor]:
     """The members read back out of a flat `buffer`, flat, in the buffer's dtype."""

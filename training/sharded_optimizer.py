@@ -146,17 +146,9 @@ class PackShard:
       # while a gather's index may be a run-time value.
       rows = tf.reshape(self.pack.to_buffer(tensors), [-1, self.length])
       return tf.gather(rows, self.start // self.length)
-    # Known while tracing: copy only the pieces that fall in the shard.
-    flat = [tf.reshape(tf.cast(t, _UPDATE_DTYPE), [-1]) for t in tensors]
-    parts = []
-    starts = self._slot_starts()
-    for begin, end, member in self._static_pieces():
-      if member is None:
-        parts.append(tf.zeros([end - begin], _UPDATE_DTYPE))
-      else:
-        offset = begin - starts[member]
-        parts.append(flat[member][offset:offset + end - begin])
-    return parts[0] if len(parts) == 1 else tf.concat(parts, axis=0)
+    # Known while tracing: copy only the pieces that fall in the shard (the pack's
+    # dtype is float32, `_UPDATE_DTYPE`: see `_create_slots`).
+    return self.pack.window(tensors, self.start, self.length)
 
   @functools.cached_property
   def member_ids(self) -> tf.Tensor:

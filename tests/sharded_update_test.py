@@ -638,11 +638,11 @@ class TpuShardedStepTest(MatchesMixin, tf.test.TestCase, parameterized.TestCase)
       self.assertIsNone(tf.get_static_value(start))
     return [replica_values(v) for v in variables], slots
 
+  # Each rule, grid and shard count twice, each pair of them once (the static path
+  # above runs all eight; an emulated TPU run costs 20-50 s on 2 cores).
   @parameterized.parameters(
-      ("sgd", (2, 4), "x"), ("sgd", (2, 4), "xy"),
-      ("sgd", (4, 2), "x"), ("sgd", (4, 2), "xy"),
-      ("lars", (2, 4), "x"), ("lars", (2, 4), "xy"),
-      ("lars", (4, 2), "x"), ("lars", (4, 2), "xy"))
+      ("sgd", (2, 4), "x"), ("sgd", (4, 2), "xy"),
+      ("lars", (2, 4), "xy"), ("lars", (4, 2), "x"))
   def test_matches_the_unsharded_optimizer_and_the_static_path(self, rule, grid,
                                                               shards):
     names = [name for name, _, _ in VARIABLE_SPECS]

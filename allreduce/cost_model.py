@@ -19,22 +19,30 @@ Two schedules are counted for every phase:
     interconnect executes, one neighbour hop per step);
   * `collective_calls`: the collective ops each replica issues in *this* repo's
     implementation (allreduce/torus_aggregator.py), per back end (`backend=`):
-    - "collective_ops" (CPU/GPU): the reduce-scatter is one `CollectiveAllToAllV2`
-      plus a local sum, the y all-reduce one `CollectiveReduceV2`, the all-gather
-      one `CollectiveGatherV2`. That is the reduce-scatter under NCCL and through
-      `CollectiveBackend.reduce_scatter_sum`; off NCCL the aggregator hands the
-      back end each pack as its x chunks (`reduce_scatter_chunks`), which it
-      exchanges by x - 1 pair broadcasts each way, 2 (x - 1) ops for the same bytes,
-      not counted here (tests/collective_recorder.py records the all-to-all path);
+    - "collective_ops" (`CollectiveOpsBackend` off NCCL: CPU, and GPU without
+      NCCL): the aggregator hands the back end each pack as its x chunks
+      (`reduce_scatter_chunks`), which it exchanges by pair broadcasts, a
+      `CollectiveBcastSendV2` of its chunk to each of the x - 1 peers and a
+      `CollectiveBcastRecvV2` of the peer's chunk from each, 2 (x - 1) ops, then a
+      local sum; the y all-reduce is one `CollectiveReduceV2`, the all-gather one
+      `CollectiveGatherV2`;
+    - "nccl" (`CollectiveOpsBackend(communication_hint="nccl")`, what
+      `backend_for_strategy` picks when every replica is a GPU): the same but the
+      reduce-scatter, which stays the base class's concatenation and one
+      `CollectiveAllToAllV2` plus a local sum (NCCL needs one launch order, which
+      unordered broadcasts do not keep); also what `reduce_scatter_sum` issues on
+      either collective-ops back end;
     - "tpu": the reduce-scatter is one `XlaReduceScatter`, the y all-reduce one
       `CrossReplicaSum`, the all-gather 2 (x - 1) `CollectivePermute`s, the ring
       itself (x - 1 steps, half of each piece each way round).
+    tests/cost_model_check_test.py traces the aggregator through each and compares
+    the ops it issued (tests/collective_recorder.py) with these counts.
 `payload_bytes` is the size of the tensor each replica hands to that collective (what
 instrumenting the implementation records) and `bytes_sent` is what each replica puts
 on the wire in the phase. For the reduce-scatter the two schedules send the same
-bytes: a ring sends (x - 1) chunks of n/x, an all-to-all sends its (x - 1) other
-chunks of n/x directly. A group of one replica needs no collective: its phase counts
-zero calls, steps and bytes.
+bytes: a ring sends (x - 1) chunks of n/x, an all-to-all or the pair broadcasts send
+the (x - 1) other chunks of n/x directly. A group of one replica needs no collective:
+its phase counts zero calls, steps and bytes.
 
 Why these TPU ops (bytes on the busiest link of a bidirectional ring of g chips, for a
 piece of d bytes per member, which is what `bytes_sent / ring_bandwidth` prices):
@@ -76,8 +84,10 @@ class PhaseCounts:
 
   Attributes:
     name: "reduce_scatter_x", "all_reduce_y", "all_gather_x" or "all_reduce".
-    collective: what the implementation's op does: "all_to_all" (CPU/GPU
-      reduce-scatter), "reduce_scatter" (TPU), "all_reduce" or "all_gather".
+    collective: what the implementation's op does: "pair_broadcasts" (the
+      collective_ops reduce-scatter: a broadcast to and from each peer),
+      "all_to_all" (the nccl reduce-scatter), "reduce_scatter" (TPU), "all_reduce"
+      or "all_gather".
     group_size: replicas in each group (ring) of this phase.
     num_groups: groups that run this phase side by side.
     collective_calls: collective ops each replica issues (0 for a group of one).
@@ -181,7 +191,11 @@ def ring_allreduce_counts(num_replicas: int, num_bytes: int,
                          (phase,))
 
 
-BACKENDS = ("collective_ops", "tpu")
+BACKENDS = ("collective_ops", "nccl", "tpu")
+
+# The reduce-scatter's kind of op per back end (`PhaseCounts.collective`).
+_SCATTER_KIND = {"collective_ops": "pair_broadcasts", "nccl": "all_to_all",
+                 "tpu": "reduce_scatter"}
 
 
 def torus_allreduce_counts(x_size: int, y_size: int, num_bytes: int,
@@ -192,13 +206,15 @@ def torus_allreduce_counts(x_size: int, y_size: int, num_bytes: int,
   The buffer is padded to a multiple of `x_size` elements and cut into `x_size`
   shards of s = ceil(n / x) elements:
     1. reduce-scatter along x (rows of x): x - 1 ring steps, (x - 1) * s sent; the
-       implementation issues one all-to-all (collective_ops) or one XLA
-       reduce-scatter (tpu) of the padded buffer.
+       implementation issues 2 (x - 1) pair broadcasts of one shard each, a send
+       to and a receive from each peer (collective_ops), one all-to-all of the
+       padded buffer (nccl) or one XLA reduce-scatter of it (tpu). The payload is
+       the padded buffer, x * s elements, on every back end.
     2. all-reduce of the one summed shard along y (columns of y): 2(y - 1) steps of
-       ceil(s / y) elements.
+       ceil(s / y) elements; one op.
     3. all-gather along x: x - 1 steps, (x - 1) * s sent; one gather of the shard
-       (collective_ops) or 2 (x - 1) neighbour permutes of half a shard (tpu).
-  Bytes and steps are the same on both back ends; only the ops issued differ.
+       (collective_ops, nccl) or 2 (x - 1) neighbour permutes of half a shard (tpu).
+  Bytes and steps are the same on every back end; only the ops issued differ.
   """
   if backend not in BACKENDS:
     raise CostModelError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -207,15 +223,16 @@ def torus_allreduce_counts(x_size: int, y_size: int, num_bytes: int,
   num_elements = _check_payload(num_bytes, element_bytes)
   shard = _chunk_elements(num_elements, x_size)
   shard_bytes = shard * element_bytes
-  scatter_kind = "reduce_scatter" if backend == "tpu" else "all_to_all"
+  scatter_kind = _SCATTER_KIND[backend]
   if x_size == 1:
     scatter = PhaseCounts("reduce_scatter_x", scatter_kind, 1, y_size, 0, 0, 0, 0)
     gather = PhaseCounts("all_gather_x", "all_gather", 1, y_size, 0, 0, 0, 0)
   else:
     sent = (x_size - 1) * shard_bytes
+    scatter_calls = 2 * (x_size - 1) if backend == "collective_ops" else 1
     gather_calls = 2 * (x_size - 1) if backend == "tpu" else 1
-    scatter = PhaseCounts("reduce_scatter_x", scatter_kind, x_size, y_size, 1,
-                          x_size - 1, x_size * shard_bytes, sent)
+    scatter = PhaseCounts("reduce_scatter_x", scatter_kind, x_size, y_size,
+                          scatter_calls, x_size - 1, x_size * shard_bytes, sent)
     gather = PhaseCounts("all_gather_x", "all_gather", x_size, y_size, gather_calls,
                          x_size - 1, shard_bytes, sent)
   reduce_y = _ring_all_reduce_phase("all_reduce_y", y_size, x_size, shard,

@@ -5,9 +5,10 @@ Times the torus aggregator on 8 logical CPUs for every grid in `--fit_grids` and
 `--held_out_grid`, each at two payloads (ResNet-50 v1.5's 161 gradient tensors, and the
 same list at 1/`--small_divisor` of the size), alternating run by run. The model's
 counts are those of the packs the aggregator really plans (`plan`), priced per pack
-with `cost_model.torus_allreduce_counts(backend="collective_ops")`. alpha (seconds per
-collective op), beta (seconds per byte sent) and a cost per tensor (packing and
-unpacking, the same on every grid) are fitted on the fit grids only
+with `cost_model.torus_allreduce_counts(backend="collective_ops")`, which counts each
+pack's reduce-scatter as the 2 (x - 1) pair broadcasts the CPU back end issues.
+alpha (seconds per collective op), beta (seconds per byte sent) and a cost per tensor
+(packing and unpacking, the same on every grid) are fitted on the fit grids only
 (`cost_model.fit_alpha_beta`); the held-out grid is then predicted.
 
 Also prints, from the same model at pod scale, the step time that sharding ResNet-50's

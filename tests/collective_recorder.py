@@ -20,22 +20,35 @@ import tensorflow as tf
 from allreduce import collectives
 from allreduce import topology
 
-# What each back end issues per call, as (kind, raw op type). tests/
+# What each back end issues per call, as (kind, raw op types). tests/
 # cost_model_check_test.py checks the records against the traced graph, so a back end
 # that changes its ops fails there, not silently here.
+_PAIR_BROADCASTS = ("pair_broadcasts",
+                    "CollectiveBcastSendV2+CollectiveBcastRecvV2")
 _ISSUED_OPS = (
     (collectives.TpuBackend, {
         "all_reduce_sum": ("all_reduce", "CrossReplicaSum"),
         "reduce_scatter_sum": ("reduce_scatter", "XlaReduceScatter"),
+        # The base class's: the chunks concatenated, then reduce_scatter_sum.
+        "reduce_scatter_chunks": ("reduce_scatter", "XlaReduceScatter"),
         "all_gather": ("all_gather", "CollectivePermute"),
     }),
     (collectives.CollectiveOpsBackend, {
         "all_reduce_sum": ("all_reduce", "CollectiveReduceV2"),
         # No CPU reduce-scatter kernel: an all-to-all, then a local sum.
         "reduce_scatter_sum": ("all_to_all", "CollectiveAllToAllV2"),
+        # Off NCCL: each chunk sent to its owner by a broadcast over the pair, one
+        # send and one receive per peer, then a local sum.
+        "reduce_scatter_chunks": _PAIR_BROADCASTS,
         "all_gather": ("all_gather", "CollectiveGatherV2"),
     }),
 )
+# Under NCCL the collective-ops back end keeps the base class's
+# reduce_scatter_chunks (broadcasts are not ordered, NCCL needs one launch order):
+# the concatenated chunks go through reduce_scatter_sum, an all-to-all.
+_NCCL_ISSUED_OPS = {
+    "reduce_scatter_chunks": ("all_to_all", "CollectiveAllToAllV2"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,22 +57,28 @@ class CollectiveRecord:
 
   Attributes:
     kind: what the op does for the caller: "all_reduce", "all_to_all" (the exchange
-      of a reduce-scatter built from an all-to-all), "reduce_scatter" (a native one)
-      or "all_gather".
-    op: the raw TensorFlow op issued (e.g. "CollectiveAllToAllV2",
-      "XlaReduceScatter").
+      of a reduce-scatter built from an all-to-all), "pair_broadcasts" (the exchange
+      of a reduce-scatter built from a broadcast to and from each peer, one pair
+      group per peer), "reduce_scatter" (a native one) or "all_gather".
+    op: the raw TensorFlow op type issued (e.g. "CollectiveAllToAllV2",
+      "XlaReduceScatter"); "+"-joined where a call issues two types in equal numbers
+      ("pair_broadcasts": "CollectiveBcastSendV2+CollectiveBcastRecvV2", see
+      `op_types`).
     replica_id: the issuing replica, or None where it is unknown at trace time (TPU:
       one trace serves every replica).
     group: the replica ids of the issuing replica's group, in the caller's order
       (on TPU without a replica id: the first group; all have the same size).
     shape: static shape of the payload, the tensor the caller asked to reduce,
-      exchange or gather (for "all_to_all" the whole buffer, before it is cut into
-      chunks); None for an unknown rank, None entries for unknown dimensions, and
-      then the sizes below are None too.
+      exchange or gather (for "all_to_all", "pair_broadcasts" and "reduce_scatter"
+      the whole buffer, all g chunks, before it is cut or however it was handed
+      over); None for an unknown rank, None entries for unknown dimensions, and then
+      the sizes below are None too.
     dtype: the payload's dtype name.
     element_bytes: bytes per payload element.
     num_ops: raw ops the call issued (the TPU all-gather is a chain of
-      `CollectivePermute`s, 2 (g - 1) of them; everything else is one op).
+      `CollectivePermute`s, 2 (g - 1) of them; "pair_broadcasts" are g - 1 sends
+      and g - 1 receives, 2 (g - 1), each of one chunk of n / g; everything else is
+      one op).
   """
   kind: str
   op: str
@@ -69,6 +88,11 @@ class CollectiveRecord:
   dtype: str
   element_bytes: int
   num_ops: int = 1
+
+  @property
+  def op_types(self) -> Tuple[str, ...]:
+    """The raw op types of `op`, each issued num_ops / len(op_types) times."""
+    return tuple(self.op.split("+"))
 
   @property
   def group_size(self) -> int:
@@ -92,9 +116,10 @@ class CollectiveRecord:
   def bytes_sent(self) -> Optional[int]:
     """Bytes this replica must send for the op, whatever the schedule:
 
-    * all_to_all and reduce_scatter: g - 1 chunks of n / g (an all-to-all sends
-      the chunks that belong to the other members; a ring reduce-scatter forwards
-      g - 1 partial sums of a chunk, one per step);
+    * all_to_all, pair_broadcasts and reduce_scatter: g - 1 chunks of n / g (an
+      all-to-all, or a send to each peer, sends the chunks that belong to the other
+      members; a ring reduce-scatter forwards g - 1 partial sums of a chunk, one
+      per step);
     * all_gather: its piece to each of the g - 1 others (a ring forwards g - 1 pieces);
     * all_reduce: 2 (g - 1) chunks of ceil(n / g), the ring algorithm's
       reduce-scatter and all-gather halves (TensorFlow's RING implementation and the
@@ -106,7 +131,7 @@ class CollectiveRecord:
     g, n, b = self.group_size, self.num_elements, self.element_bytes
     if n is None:
       return None
-    if self.kind in ("all_to_all", "reduce_scatter"):
+    if self.kind in ("all_to_all", "pair_broadcasts", "reduce_scatter"):
       return (g - 1) * (n // g) * b
     if self.kind == "all_gather":
       return (g - 1) * n * b
@@ -144,6 +169,19 @@ class RecordingBackend(collectives.CollectiveBackend):
     self._record("all_gather", value, group_assignment)
     return result
 
+  def reduce_scatter_chunks(self, chunks, group_assignment):
+    """Forwarded whole, so the record is of what the issuing back end builds from
+    the chunks (the base class's default would turn them into one
+    `reduce_scatter_sum` here, and record an all-to-all the CPU path never issues).
+    The payload recorded is the whole buffer, as for `reduce_scatter_sum`."""
+    chunks = [tf.convert_to_tensor(c) for c in chunks]
+    result = self.inner.reduce_scatter_chunks(chunks, group_assignment)
+    lengths = [c.shape[0] if c.shape.rank == 1 else None for c in chunks]
+    buffer = tf.TensorSpec(
+        [None if None in lengths else sum(lengths)], chunks[0].dtype)
+    self._record("reduce_scatter_chunks", buffer, group_assignment)
+    return result
+
   def _issuing_backend(self) -> collectives.CollectiveBackend:
     backend = self.inner
     while isinstance(backend, RecordingBackend):
@@ -151,8 +189,9 @@ class RecordingBackend(collectives.CollectiveBackend):
     return backend
 
   def _record(self, method, value, group_assignment):
-    """Records the op `inner` built for `method` (recorded after it returned, so a
-    call that raised leaves no record)."""
+    """Records the op `inner` built for `method` on the payload `value` (a tensor,
+    or the `tf.TensorSpec` of a buffer handed over as chunks); recorded after
+    `inner` returned, so a call that raised leaves no record."""
     context = tf.distribute.get_replica_context()
     groups = topology.check_group_assignment(group_assignment,
                                              context.num_replicas_in_sync)
@@ -162,16 +201,22 @@ class RecordingBackend(collectives.CollectiveBackend):
     backend = self._issuing_backend()
     (kind, op), = [ops[method] for backend_type, ops in _ISSUED_OPS
                    if isinstance(backend, backend_type)]
+    if (isinstance(backend, collectives.CollectiveOpsBackend)
+        and backend._communication_hint == "nccl"):  # pylint: disable=protected-access
+      kind, op = _NCCL_ISSUED_OPS.get(method, (kind, op))
     num_ops = 1
     if isinstance(backend, collectives.TpuBackend) and method == "all_gather":
       num_ops = 2 * (group_size - 1)  # the ring: g - 1 steps each way round
+    if (kind, op) == _PAIR_BROADCASTS:
+      num_ops = 2 * (group_size - 1)  # a send and a receive per peer
     replica_id = tf.get_static_value(context.replica_id_in_sync_group)
     if replica_id is None:
       group = groups[0]
     else:
       replica_id = int(replica_id)
       group = collectives.group_of(groups, replica_id)
-    value = tf.convert_to_tensor(value)
+    if not isinstance(value, tf.TensorSpec):
+      value = tf.convert_to_tensor(value)
     record = CollectiveRecord(
         kind=kind, op=op, replica_id=replica_id, group=tuple(group),
         shape=None if value.shape.rank is None else tuple(value.shape.as_list()),

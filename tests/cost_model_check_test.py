@@ -2,7 +2,8 @@
 
 The real torus aggregator sums ResNet-50's real gradient list (161 float32 tensors,
 25,557,032 values) on 8 logical CPU replicas as 2x4, 4x2, 1x8 and 8x1 grids (and
-through the TPU back end, traced, on 2x4 and 4x2), through a
+through the NCCL-hinted collective-ops back end on 2x4 and the TPU back end on 2x4 and
+4x2, only traced: neither can run on CPU), through a
 `tests.collective_recorder.RecordingBackend` that logs every collective op the back
 end builds: its kind, the issuing replica, its group and its payload. The step
 function is only traced (`get_concrete_function`), never run: counting needs the ops,
@@ -14,20 +15,22 @@ multiple of x * 64 bytes), with `cost_model.torus_allreduce_counts(x, y, pack by
 
 * per phase (the model of the back end traced): the collective ops, the group size, the bytes handed to each call
   (`payload_bytes`) and the bytes the replica sends (`bytes_sent`): taken from the
-  recorded op and its payload (an all-to-all sends the g - 1 chunks that are not its
-  own, an all-gather its piece to g - 1 peers, an all-reduce the ring's 2(g - 1)
-  chunks), not from the model;
+  recorded op and its payload (an all-to-all, or the pair broadcasts of the CPU
+  reduce-scatter, send the g - 1 chunks that are not the replica's own, an
+  all-gather its piece to g - 1 peers, an all-reduce the ring's 2(g - 1) chunks),
+  not from the model;
 * the phase of each record follows from the implementation alone: its kind and
   whether its group is a row or a column of the grid;
 * ring steps: the textbook ring steps of the recorded op over the recorded group size
-  ((g - 1) for an all-to-all or all-gather, 2(g - 1) for an all-reduce);
+  ((g - 1) for a reduce-scatter or all-gather, 2(g - 1) for an all-reduce);
 * the issue order: every pack's reduce-scatter, then every all-reduce, then every
   all-gather (breadth-first over packs, as the aggregator documents).
 
 Summed over packs, the totals must equal the model summed over the same packs, and
 differ from the model of one unpadded 102,228,128-byte buffer only by the padding.
 The log itself is checked against the traced graph: every collective op in the graph
-is one record and every record one op, with the same element count.
+is one of a record's ops and every record's op one in the graph, with the same element
+count (a pair broadcast's send and receive carry one chunk of n / g).
 """
 
 from tests import logical_devices
@@ -49,16 +52,34 @@ from resnet import resnet_model
 from tests.collective_recorder import RecordingBackend
 
 NUM_REPLICAS = 8
-PHASE_OF_KIND = {"all_to_all": "reduce_scatter_x", "reduce_scatter": "reduce_scatter_x",
-                 "all_reduce": "all_reduce_y", "all_gather": "all_gather_x"}
+PHASE_OF_KIND = {"all_to_all": "reduce_scatter_x",
+                 "pair_broadcasts": "reduce_scatter_x",
+                 "reduce_scatter": "reduce_scatter_x", "all_reduce": "all_reduce_y",
+                 "all_gather": "all_gather_x"}
+# The reduce-scatter each back end's aggregator issues (the model's name for it too).
+SCATTER_KIND = {"collective_ops": "pair_broadcasts", "nccl": "all_to_all",
+                "tpu": "reduce_scatter"}
 GRAPH_OPS = {"CollectiveAllToAllV2", "CollectiveReduceV2", "CollectiveGatherV2",
-             "AllToAll", "CrossReplicaSum", "XlaReduceScatter", "CollectivePermute"}
+             "CollectiveBcastSendV2", "CollectiveBcastRecvV2", "AllToAll",
+             "CrossReplicaSum", "XlaReduceScatter", "CollectivePermute"}
+
+
+def graph_elements(op):
+  """Elements an op in the graph moves: its data input's, or for a broadcast receive
+  (whose inputs are keys and the shape) its output's."""
+  if op.type == "CollectiveBcastRecvV2":
+    return op.outputs[0].shape.num_elements()
+  return op.inputs[0].shape.num_elements()
 
 
 def graph_ops_of(record):
-  """(op type, input elements) of each raw op the record's call put in the graph."""
+  """(op type, elements) of each raw op the record's call put in the graph."""
   if record.op == "CollectivePermute":  # the TPU all-gather: half a piece per step
     return [(record.op, -(-record.num_elements // 2))] * record.num_ops
+  if record.kind == "pair_broadcasts":  # a send and a receive of one chunk per peer
+    per_type = record.num_ops // len(record.op_types)
+    return [(op, record.num_elements // record.group_size)
+            for op in record.op_types for _ in range(per_type)]
   return [(record.op, record.num_elements)] * record.num_ops
 
 
@@ -108,12 +129,16 @@ class CostModelMatchesImplementationTest(tf.test.TestCase, parameterized.TestCas
       ("4x2", 4, 2, "collective_ops", torus_aggregator.DEFAULT_PACK_SIZE_BYTES),
       ("1x8", 1, 8, "collective_ops", torus_aggregator.DEFAULT_PACK_SIZE_BYTES),
       ("8x1", 8, 1, "collective_ops", torus_aggregator.DEFAULT_PACK_SIZE_BYTES),
+      ("2x4_nccl", 2, 4, "nccl", torus_aggregator.DEFAULT_PACK_SIZE_BYTES),
       ("2x4_tpu", 2, 4, "tpu", torus_aggregator.DEFAULT_PACK_SIZE_BYTES),
       ("4x2_tpu", 4, 2, "tpu", torus_aggregator.DEFAULT_PACK_SIZE_BYTES),
   )
   def test_counts_per_pack_and_in_total(self, x, y, backend, pack_size_bytes):
-    issuing = (collectives.TpuBackend() if backend == "tpu"
-               else collectives.CollectiveOpsBackend())
+    issuing = {
+        "collective_ops": collectives.CollectiveOpsBackend,
+        "nccl": lambda: collectives.CollectiveOpsBackend(communication_hint="nccl"),
+        "tpu": collectives.TpuBackend,
+    }[backend]()
     log, graph_ops = self._trace(x, y, issuing, pack_size_bytes)
     grid = TorusTopology(x, y)
     packs = allreduce.make_torus_aggregator(
@@ -126,8 +151,7 @@ class CostModelMatchesImplementationTest(tf.test.TestCase, parameterized.TestCas
 
     # The log holds exactly the collective ops of the graph.
     self.assertEqual(
-        collections.Counter((op.type, op.inputs[0].shape.num_elements())
-                            for op in graph_ops),
+        collections.Counter((op.type, graph_elements(op)) for op in graph_ops),
         collections.Counter(op for r in log.records for op in graph_ops_of(r)))
 
     rows = {tuple(g) for g in grid.row_groups()}
@@ -135,9 +159,8 @@ class CostModelMatchesImplementationTest(tf.test.TestCase, parameterized.TestCas
     for replica in range(NUM_REPLICAS):
       records = log.for_replica(replica)
       # Issue order: phase by phase, each over every pack.
-      scatter_kind = "reduce_scatter" if backend == "tpu" else "all_to_all"
       expected_kinds = [kind for kind, model_phase in
-                        ((scatter_kind, "reduce_scatter_x"),
+                        ((SCATTER_KIND[backend], "reduce_scatter_x"),
                          ("all_reduce", "all_reduce_y"),
                          ("all_gather", "all_gather_x"))
                         if models[0].phase(model_phase).collective_calls
@@ -213,10 +236,12 @@ class RecordingBackendTest(tf.test.TestCase):
     self.assertLen(outer.records, 2 * NUM_REPLICAS * 3)
     record = inner.for_replica(5)[0]
     self.assertEqual((record.kind, record.op, record.group, record.dtype),
-                     ("all_to_all", "CollectiveAllToAllV2", (4, 5), "float32"))
-    # 30 values in a 64-byte-aligned slot, padded to 2 shards of 16 values.
-    self.assertEqual((record.num_elements, record.payload_bytes, record.bytes_sent),
-                     (32, 128, 64))
+                     ("pair_broadcasts", "CollectiveBcastSendV2+CollectiveBcastRecvV2",
+                      (4, 5), "float32"))
+    # 30 values in a 64-byte-aligned slot, padded to 2 shards of 16 values: one
+    # shard sent to the peer, one received from it.
+    self.assertEqual((record.num_elements, record.payload_bytes, record.bytes_sent,
+                      record.num_ops), (32, 128, 64, 2))
 
 
 if __name__ == "__main__":

@@ -23,15 +23,16 @@ def _phase_tuple(phase):
 class TorusCountsTest(tf.test.TestCase, parameterized.TestCase):
 
   # Each phase as (calls, ring steps, payload bytes, bytes sent), worked out by hand
-  # for n = 1024 bytes = 256 values:
-  #   reduce-scatter along x: shard s = 256 / x values; (x-1) steps, sends (x-1)*s.
+  # for n = 1024 bytes = 256 values, on the default "collective_ops" back end:
+  #   reduce-scatter along x: shard s = 256 / x values; (x-1) steps, sends (x-1)*s,
+  #     in 2(x-1) calls (a broadcast of one shard to and from each of x-1 peers).
   #   all-reduce along y of the shard: 2(y-1) steps of s / y values.
   #   all-gather along x: (x-1) steps, payload s, sends (x-1)*s.
   @parameterized.named_parameters(
       ("1x8", 1, 8, (0, 0, 0, 0), (1, 14, 1024, 14 * 128), (0, 0, 0, 0)),
-      ("2x4", 2, 4, (1, 1, 1024, 512), (1, 6, 512, 6 * 128), (1, 1, 512, 512)),
-      ("4x2", 4, 2, (1, 3, 1024, 768), (1, 2, 256, 2 * 128), (1, 3, 256, 768)),
-      ("8x1", 8, 1, (1, 7, 1024, 896), (0, 0, 0, 0), (1, 7, 128, 896)),
+      ("2x4", 2, 4, (2, 1, 1024, 512), (1, 6, 512, 6 * 128), (1, 1, 512, 512)),
+      ("4x2", 4, 2, (6, 3, 1024, 768), (1, 2, 256, 2 * 128), (1, 3, 256, 768)),
+      ("8x1", 8, 1, (14, 7, 1024, 896), (0, 0, 0, 0), (1, 7, 128, 896)),
   )
   def test_small_grids(self, x_size, y_size, scatter, reduce_y, gather):
     counts = cost_model.torus_allreduce_counts(x_size, y_size, N)
@@ -53,7 +54,12 @@ class TorusCountsTest(tf.test.TestCase, parameterized.TestCase):
     counts = cost_model.torus_allreduce_counts(32, 32, n)
     self.assertEqual(counts.ring_steps, 124)  # 4 (sqrt(1024) - 1)
     self.assertEqual(counts.ring_steps, cost_model.square_grid_steps(1024))
-    self.assertEqual(counts.collective_calls, 3)
+    # 62 pair broadcasts (a send to and a receive from each of 31 peers), one
+    # all-reduce, one all-gather.
+    self.assertEqual(counts.collective_calls, 64)
+    self.assertEqual(
+        cost_model.torus_allreduce_counts(32, 32, n, backend="nccl").collective_calls,
+        3)
     # 25,557,032 values are not a multiple of 32: shards are padded to 798,658.
     shard = 798_658
     self.assertEqual(counts.phase("reduce_scatter_x").payload_bytes, 32 * shard * 4)
@@ -95,21 +101,31 @@ class TorusCountsTest(tf.test.TestCase, parameterized.TestCase):
 
   def test_as_dict_is_plain(self):
     as_dict = cost_model.torus_allreduce_counts(2, 4, N).as_dict()
-    self.assertEqual(as_dict["collective_calls"], 3)
+    self.assertEqual(as_dict["collective_calls"], 4)  # 2 + 1 + 1
     self.assertEqual(as_dict["ring_steps"], 8)
     self.assertEqual(as_dict["bytes_sent"], 1792)
     self.assertEqual([p["collective"] for p in as_dict["phases"]],
-                     ["all_to_all", "all_reduce", "all_gather"])
+                     ["pair_broadcasts", "all_reduce", "all_gather"])
 
   @parameterized.parameters((2, 4), (4, 2), (8, 1), (1, 8), (32, 32))
-  def test_tpu_back_end_issues_other_ops_for_the_same_bytes(self, x_size, y_size):
+  def test_back_ends_issue_other_ops_for_the_same_bytes(self, x_size, y_size):
     cpu = cost_model.torus_allreduce_counts(x_size, y_size, 32 * N)
+    nccl = cost_model.torus_allreduce_counts(x_size, y_size, 32 * N, backend="nccl")
     tpu = cost_model.torus_allreduce_counts(x_size, y_size, 32 * N, backend="tpu")
-    for c, t in zip(cpu.phases, tpu.phases):
+    for c, g, t in zip(cpu.phases, nccl.phases, tpu.phases):
       self.assertEqual((c.ring_steps, c.payload_bytes, c.bytes_sent),
                        (t.ring_steps, t.payload_bytes, t.bytes_sent))
+      self.assertEqual((c.ring_steps, c.payload_bytes, c.bytes_sent),
+                       (g.ring_steps, g.payload_bytes, g.bytes_sent))
     self.assertEqual(tpu.phase("reduce_scatter_x").collective, "reduce_scatter")
-    self.assertEqual(cpu.phase("reduce_scatter_x").collective, "all_to_all")
+    self.assertEqual(nccl.phase("reduce_scatter_x").collective, "all_to_all")
+    self.assertEqual(cpu.phase("reduce_scatter_x").collective, "pair_broadcasts")
+    # The reduce-scatter: a send and a receive per peer off NCCL, one op otherwise.
+    scatter_calls = 1 if x_size > 1 else 0
+    self.assertEqual(cpu.phase("reduce_scatter_x").collective_calls, 2 * (x_size - 1))
+    self.assertEqual(nccl.phase("reduce_scatter_x").collective_calls, scatter_calls)
+    self.assertEqual(tpu.phase("reduce_scatter_x").collective_calls, scatter_calls)
+    self.assertEqual(nccl.phase("all_gather_x").collective_calls, scatter_calls)
     # The TPU all-gather: x - 1 permute steps each way round the row.
     self.assertEqual(tpu.phase("all_gather_x").collective_calls, 2 * (x_size - 1))
     self.assertEqual(cpu.phase("all_gather_x").collective_calls,

@@ -124,11 +124,12 @@ class CostModelMatchesImplementationTest(tf.test.TestCase, parameterized.TestCas
     graph = step.get_concrete_function().graph
     return log, [op for op in graph.get_operations() if op.type in GRAPH_OPS]
 
+  # No 8x1 off NCCL: its 14 broadcasts per pack and replica took a minute to trace
+  # on 2 cores, and 4x2 already has more than one peer per row.
   @parameterized.named_parameters(
       ("2x4", 2, 4, "collective_ops", torus_aggregator.DEFAULT_PACK_SIZE_BYTES),
       ("4x2", 4, 2, "collective_ops", torus_aggregator.DEFAULT_PACK_SIZE_BYTES),
       ("1x8", 1, 8, "collective_ops", torus_aggregator.DEFAULT_PACK_SIZE_BYTES),
-      ("8x1", 8, 1, "collective_ops", torus_aggregator.DEFAULT_PACK_SIZE_BYTES),
       ("2x4_nccl", 2, 4, "nccl", torus_aggregator.DEFAULT_PACK_SIZE_BYTES),
       ("2x4_tpu", 2, 4, "tpu", torus_aggregator.DEFAULT_PACK_SIZE_BYTES),
       ("4x2_tpu", 4, 2, "tpu", torus_aggregator.DEFAULT_PACK_SIZE_BYTES),

@@ -30,6 +30,7 @@ import tensorflow as tf
 from absl import logging
 
 from input_pipeline import dataset_info
+from input_pipeline import device_buffers
 from input_pipeline import preprocessing
 from input_pipeline import schema
 from input_pipeline.data_error import DataError
@@ -758,7 +759,13 @@ def create_tfrecord_dataset(file_pattern, *, stream, preprocess, batch,
 
 
 def device_input_options(device_prefetch_batches=2):
-  """`InputOptions` that copy `device_prefetch_batches` batches ahead onto each device."""
+  """`InputOptions` that copy `device_prefetch_batches` batches ahead onto each device.
+
+  Also turns autotuning off in the copy buffers on CPU devices, for the whole process
+  (`device_buffers.untune_cpu_device_buffers`): without it, deleting a distributed
+  iterator over logical CPU replicas stalls for up to minutes.
+  """
+  device_buffers.untune_cpu_device_buffers()
   return tf.distribute.InputOptions(
       experimental_fetch_to_device=True,
       experimental_per_replica_buffer_size=device_prefetch_batches)

@@ -21,11 +21,13 @@ import xml.etree.ElementTree as ElementTree
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _PARALLEL_SUITES = 2
-# Started first so that the two-at-a-time schedule does not end on one long suite.
-_LONGEST_SUITES = ("faults_test.py", "trainer_test.py", "run_test.py", "config_test.py",
-                   "group_batch_norm_test.py", "multiworker_trainer_test.py",
+# Started first, in this order (longest first, from the last full runs), so that the
+# two-at-a-time schedule does not end on one long suite.
+_LONGEST_SUITES = ("faults_test.py", "sharded_update_test.py", "trainer_test.py",
+                   "data_service_test.py", "pipeline_test.py", "run_test.py",
+                   "multiworker_trainer_test.py", "config_test.py",
                    "cost_model_check_test.py", "torus_aggregator_test.py",
-                   "sharded_update_test.py")
+                   "recipe_test.py", "group_batch_norm_test.py")
 
 
 def _run_suite(path, extra_args, report_dir):
@@ -51,12 +53,19 @@ def _run_suite(path, extra_args, report_dir):
   return path, ok, counts, time.time() - start, result.stdout + result.stderr
 
 
+def _start_order(path):
+  name = os.path.basename(path)
+  if name in _LONGEST_SUITES:
+    return (_LONGEST_SUITES.index(name), name)
+  return (len(_LONGEST_SUITES), name)
+
+
 def main(argv):
   paths = [a for a in argv if a.endswith("_test.py")]
   extra_args = [a for a in argv if not a.endswith("_test.py")]
   paths = paths or sorted(
       glob.glob(os.path.join(_REPO, "tests", "*_test.py")),
-      key=lambda p: (os.path.basename(p) not in _LONGEST_SUITES, p))
+      key=_start_order)
   totals = dict(passed=0, failed=0, skipped=0)
   failed_suites = []
   start = time.time()

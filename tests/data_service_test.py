@@ -101,7 +101,11 @@ class DataServiceTest(tf.test.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     service = tf.data.experimental.service
-    cls.dispatcher = service.DispatchServer(service.DispatcherConfig(port=0))
+    # Jobs no client reads are dropped after 1 s, not TensorFlow's 5 min: the workers
+    # keep serving a job's repeated epochs until it is dropped, and the process cannot
+    # exit before they stop (6 min after the tests had passed).
+    cls.dispatcher = service.DispatchServer(service.DispatcherConfig(
+        port=0, job_gc_check_interval_ms=200, job_gc_timeout_ms=1000))
     dispatcher_address = cls.dispatcher.target.split("://")[1]
     cls.workers = [service.WorkerServer(service.WorkerConfig(
         dispatcher_address=dispatcher_address)) for _ in range(2)]

@@ -56,9 +56,6 @@ PHASE_OF_KIND = {"all_to_all": "reduce_scatter_x",
                  "pair_broadcasts": "reduce_scatter_x",
                  "reduce_scatter": "reduce_scatter_x", "all_reduce": "all_reduce_y",
                  "all_gather": "all_gather_x"}
-# The reduce-scatter each back end's aggregator issues (the model's name for it too).
-SCATTER_KIND = {"collective_ops": "pair_broadcasts", "nccl": "all_to_all",
-                "tpu": "reduce_scatter"}
 GRAPH_OPS = {"CollectiveAllToAllV2", "CollectiveReduceV2", "CollectiveGatherV2",
              "CollectiveBcastSendV2", "CollectiveBcastRecvV2", "AllToAll",
              "CrossReplicaSum", "XlaReduceScatter", "CollectivePermute"}
@@ -160,11 +157,9 @@ class CostModelMatchesImplementationTest(tf.test.TestCase, parameterized.TestCas
     for replica in range(NUM_REPLICAS):
       records = log.for_replica(replica)
       # Issue order: phase by phase, each over every pack.
-      expected_kinds = [kind for kind, model_phase in
-                        ((SCATTER_KIND[backend], "reduce_scatter_x"),
-                         ("all_reduce", "all_reduce_y"),
-                         ("all_gather", "all_gather_x"))
-                        if models[0].phase(model_phase).collective_calls
+      expected_kinds = [models[0].phase(name).collective for name in
+                        ("reduce_scatter_x", "all_reduce_y", "all_gather_x")
+                        if models[0].phase(name).collective_calls
                         for _ in packs]
       self.assertEqual([r.kind for r in records], expected_kinds)
       by_phase = collections.defaultdict(list)

@@ -140,6 +140,14 @@ def final_weights(model_dir):
   return int(path.rsplit("-", 1)[1]), values
 
 
+def assert_same_weights(test, got, want):
+  """`got` and `want`, two `final_weights`, hold the same step and variables."""
+  test.assertEqual(got[0], want[0])
+  test.assertEqual(sorted(got[1]), sorted(want[1]))
+  for name, value in want[1].items():
+    test.assertAllClose(got[1][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def checkpoint_steps(model_dir):
   state = tf.train.get_checkpoint_state(os.path.join(model_dir, "checkpoints"))
   return sorted(int(p.rsplit("-", 1)[1]) for p in state.all_model_checkpoint_paths)
@@ -359,17 +367,11 @@ class OneProcessInterruptionTest(tf.test.TestCase):
 
   ARGS = TINY + ONE_PROCESS + TRAIN_ONLY
 
-  def assert_same_weights(self, got, want):
-    self.assertEqual(got[0], want[0])
-    self.assertEqual(sorted(got[1]), sorted(want[1]))
-    for name, value in want[1].items():
-      self.assertAllClose(got[1][name], value, rtol=1e-5, atol=1e-6, msg=name)
-
   def _rerun_matches_reference(self, model_dir):
     code, process = run_main([f"--model_dir={model_dir}"] + self.ARGS,
                              f"{model_dir}.rerun.log")
     self.assertEqual(code, 0, process.output()[-3000:])
-    self.assert_same_weights(final_weights(model_dir), self.reference)
+    assert_same_weights(self, final_weights(model_dir), self.reference)
     return process
 
   def test_sigterm_saves_and_the_rerun_resumes_exactly(self):
@@ -500,12 +502,8 @@ class TwoWorkerFaultsTest(tf.test.TestCase):
     rerun = start_workers(args, f"{root}/preempted.rerun")
     self.assertEqual([w.wait() for w in rerun], [0, 0], rerun[0].output()[-3000:])
     self.assertIn(f"at step {step}.", rerun[0].output())
-    want_step, want = final_weights(f"{root}/straight")
-    got_step, got = final_weights(f"{root}/preempted")
-    self.assertEqual(got_step, want_step)
-    self.assertEqual(sorted(got), sorted(want))
-    for name, value in want.items():
-      self.assertAllClose(got[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_weights(self, final_weights(f"{root}/preempted"),
+                        final_weights(f"{root}/straight"))
 
 
 if __name__ == "__main__":

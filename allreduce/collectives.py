@@ -8,8 +8,9 @@ never raw collective ops, so the same model code runs on two back ends:
   interconnect collectives on a TPU pod.
 * `CollectiveOpsBackend`: TensorFlow's collective ops (`CollectiveReduceV2`,
   `CollectiveAllToAllV2`, `CollectiveGatherV2`, and off NCCL
-  `CollectiveBcastSendV2`/`RecvV2` for a reduce-scatter of separately built chunks)
-  for CPU, GPU and multi-worker strategies, with one group key per group of replicas.
+  `CollectiveBcastSendV2`/`RecvV2` for the reduce-scatter and all-gather of
+  separately built chunks) for CPU, GPU and multi-worker strategies, with one group
+  key per group of replicas.
 
 Whoever builds a layer or an aggregator may hand it any `CollectiveBackend`, so a
 test can wrap one of these (tests/collective_recorder.py records what it is asked to
@@ -92,10 +93,16 @@ class CollectiveBackend:
     """The group's `value`s concatenated along axis 0 in rank order."""
     raise NotImplementedError
 
+  # Whether `reduce_scatter_chunks` and `all_gather_chunks` take chunks of
+  # different lengths. Those that do let a buffer be cut at its tensors' boundaries,
+  # so the gathered pieces are read out without concatenating a tensor from two.
+  exchanges_uneven_chunks = False
+
   def reduce_scatter_chunks(self, chunks: Sequence[tf.Tensor],
                             group_assignment: GroupAssignment):
     """`reduce_scatter_sum` of the buffer `tf.concat(chunks)`, handed over as its
-    `group_size` equal 1-D chunks (chunk r is the one rank r receives the sum of).
+    `group_size` 1-D chunks (chunk r is the one rank r receives the sum of): of
+    equal lengths, or of any non-zero lengths where `exchanges_uneven_chunks`.
 
     The default concatenates and calls `reduce_scatter_sum`; a back end that can send
     each chunk as it is, without first copying it into one buffer, overrides it.
@@ -103,6 +110,20 @@ class CollectiveBackend:
     chunks = list(chunks)
     return self.reduce_scatter_sum(
         chunks[0] if len(chunks) == 1 else tf.concat(chunks, axis=0), group_assignment)
+
+  def all_gather_chunks(self, shard, lengths: Sequence[int],
+                        group_assignment: GroupAssignment) -> List[tf.Tensor]:
+    """The group's 1-D shards, one tensor per rank: rank r's has `lengths[r]`
+    elements, this replica's is `shard` (the inverse of `reduce_scatter_chunks`).
+
+    The default gathers into one buffer and splits it (equal lengths only); a back
+    end that exchanges uneven chunks overrides it.
+    """
+    lengths = list(lengths)
+    if len(set(lengths)) != 1:
+      raise ValueError(f"{type(self).__name__} gathers equal shards only, got "
+                       f"lengths {lengths}")
+    return tf.split(self.all_gather(shard, group_assignment), len(lengths))
 
 
 def _replica_context():
@@ -308,13 +329,16 @@ class CollectiveOpsBackend(CollectiveBackend):
   positions in the caller's lists.
 
   Reduce-scatter is `CollectiveAllToAllV2` plus a local sum (TensorFlow has no CPU
-  implementation of `CollectiveReduceScatterV2`). `reduce_scatter_chunks` off NCCL
-  is a pairwise exchange instead: each chunk goes to its owner by a broadcast over
-  the pair, sent straight from the chunk (the all-to-all copies its whole input,
-  the replica's own chunk too, into a new buffer; on one host that copy is the
-  reduce-scatter's largest cost after the sum; docs/RESULTS.md, "2-D torus
-  all-reduce"). `timeout_seconds` bounds every wait, so a missing peer fails the
-  step instead of hanging it; 0 waits forever.
+  implementation of `CollectiveReduceScatterV2`). Off NCCL, `reduce_scatter_chunks`
+  and `all_gather_chunks` are built from broadcasts instead, sent straight from the
+  chunk: each chunk goes to its owner by a broadcast over the pair, and each summed
+  shard to its whole group by one broadcast. The all-to-all copies its whole input, the replica's own
+  chunk too, into a new buffer, and the gather copies the replica's own piece; on
+  one host those copies were the torus's cost over the ring (docs/RESULTS.md, "2-D
+  torus all-reduce"). Chunks may then differ in length, so a buffer can be cut at
+  its tensors' boundaries (`exchanges_uneven_chunks`). `timeout_seconds` bounds
+  every wait, so a missing peer fails the step instead of hanging it; 0 waits
+  forever.
 
   `chain` names the sequence this back end's collectives are ordered in (see
   `_CollectiveKeys`): batch norm's run apart from the gradients', so a gradient
@@ -334,6 +358,10 @@ class CollectiveOpsBackend(CollectiveBackend):
     self._nccl = communication_hint == "nccl"
     self._chain = "nccl" if self._nccl else chain
     self._gather_chain = self._chain if self._nccl else f"{chain}_all_gathers"
+
+  @property
+  def exchanges_uneven_chunks(self):
+    return not self._nccl
 
   def _group(self, group_assignment):
     """This replica's id and group, validated (nothing allocated yet)."""
@@ -427,36 +455,75 @@ class CollectiveOpsBackend(CollectiveBackend):
     replica_id, group = self._group(group_assignment)
     if self._nccl or len(group) == 1:
       return super().reduce_scatter_chunks(chunks, group_assignment)
-    if len(chunks) != len(group):
-      raise ValueError(f"reduce_scatter_chunks takes one chunk per member of the "
-                       f"group ({len(group)}), got {len(chunks)}")
-    shape, dtype = chunks[0].shape, chunks[0].dtype
-    if (shape.rank != 1 or not shape.is_fully_defined()
-        or any(c.shape != shape or c.dtype != dtype for c in chunks)):
-      raise ValueError("reduce_scatter_chunks takes 1-D chunks of one static length "
-                       "and dtype, got " + ", ".join(
-                           f"{c.shape} {c.dtype.name}" for c in chunks))
+    _check_chunks("reduce_scatter_chunks", chunks, len(group))
     rank = group.index(replica_id)
     received, sent = [], []
     for peer_rank, peer in enumerate(group):
       if peer == replica_id:
         continue
-      # One group per pair: chunk k goes to member k alone, straight from the
-      # chunk (a broadcast sends its input as it is, where an all-to-all first
-      # copies every chunk, its own too, into its output). Both members take the
-      # pair's two instance keys in the same order: the smaller replica id's
-      # send first.
-      pair = tuple(sorted((replica_id, peer)))
-      first = self._broadcast_params(replica_id, pair)
-      second = self._broadcast_params(replica_id, pair)
-      send, receive = (first, second) if replica_id == pair[0] else (second, first)
+      # Chunk k goes to member k alone, straight from the chunk; this replica's own
+      # chunk comes from each peer, so it is what every receive expects.
+      send, receive = self._pair_params(replica_id, peer)
       sent.append(tf.raw_ops.CollectiveBcastSendV2(input=chunks[peer_rank], **send))
-      received.append(tf.raw_ops.CollectiveBcastRecvV2(shape=shape, T=dtype,
-                                                      **receive))
+      received.append(tf.raw_ops.CollectiveBcastRecvV2(
+          shape=chunks[rank].shape, T=chunks[rank].dtype, **receive))
     # Broadcasts are not chained by automatic control dependencies, and a send's
     # output is not used: without this edge the sends would be pruned.
     with tf.control_dependencies(sent):
       return tf.add_n([chunks[rank]] + received)
+
+  def all_gather_chunks(self, shard, lengths, group_assignment):
+    shard = tf.convert_to_tensor(shard)
+    replica_id, group = self._group(group_assignment)
+    if self._nccl or len(group) == 1:
+      return super().all_gather_chunks(shard, lengths, group_assignment)
+    lengths = [int(n) for n in lengths]
+    rank = group.index(replica_id)
+    if len(lengths) != len(group) or min(lengths) < 1:
+      raise ValueError(f"all_gather_chunks takes one non-zero length per member of "
+                       f"the group ({len(group)}), got {lengths}")
+    _check_chunks("all_gather_chunks", [shard], 1, length=lengths[rank])
+    # One broadcast over the group from each member in turn, every member taking
+    # the group's instance keys in rank order. A send hands its input on as its
+    # output when nothing else holds it (it copies it first otherwise), so this
+    # replica's piece is read from its send, and the shard is never copied here:
+    # one send per peer, or a gather, would each copy it.
+    pieces = []
+    for member_rank, member in enumerate(group):
+      params = self._broadcast_params(replica_id, group)
+      if member == replica_id:
+        pieces.append(tf.raw_ops.CollectiveBcastSendV2(input=shard, **params))
+      else:
+        pieces.append(tf.raw_ops.CollectiveBcastRecvV2(
+            shape=[lengths[member_rank]], T=shard.dtype, **params))
+    # A piece the caller leaves unread (all padding) must still be exchanged, or
+    # its peers wait for it: every piece handed back depends on every broadcast.
+    with tf.control_dependencies(pieces):
+      return [tf.identity(piece) for piece in pieces]
+
+  def _pair_params(self, replica_id, peer):
+    """(send, receive) keys for one exchange each way between this replica and
+    `peer`, over the pair's own group. Both members take the pair's two instance
+    keys in the same order, the smaller replica id's send first."""
+    pair = tuple(sorted((replica_id, peer)))
+    first = self._broadcast_params(replica_id, pair)
+    second = self._broadcast_params(replica_id, pair)
+    return (first, second) if replica_id == pair[0] else (second, first)
+
+
+def _check_chunks(method, chunks, count, length=None):
+  """Raises unless `chunks` are `count` non-empty 1-D tensors of static length
+  (`length`, where given) and one dtype."""
+  if len(chunks) != count:
+    raise ValueError(f"{method} takes one chunk per member of the group ({count}), "
+                     f"got {len(chunks)}")
+  if any(c.shape.rank != 1 or not c.shape.is_fully_defined() or c.shape[0] < 1
+         or c.dtype != chunks[0].dtype
+         or (length is not None and c.shape[0] != length) for c in chunks):
+    raise ValueError(
+        f"{method} takes non-empty 1-D chunks of static length"
+        + ("" if length is None else f" {length}") + " and one dtype, got "
+        + ", ".join(f"{c.shape} {c.dtype.name}" for c in chunks))
 
 
 def _replica_device(context) -> str:

@@ -24,14 +24,17 @@ Two schedules are counted for every phase:
       (`reduce_scatter_chunks`), which it exchanges by pair broadcasts, a
       `CollectiveBcastSendV2` of its chunk to each of the x - 1 peers and a
       `CollectiveBcastRecvV2` of the peer's chunk from each, 2 (x - 1) ops, then a
-      local sum; the y all-reduce is one `CollectiveReduceV2`, the all-gather one
-      `CollectiveGatherV2`;
+      local sum; the y all-reduce is one `CollectiveReduceV2`; the all-gather
+      (`all_gather_chunks`) one broadcast over the row from each member, a
+      `CollectiveBcastSendV2` of its shard and x - 1 `CollectiveBcastRecvV2`s, x
+      ops. Chunks may then differ in length (runs of whole tensors): the counts
+      below are those of equal chunks, which the mean over a row's replicas equals;
     - "nccl" (`CollectiveOpsBackend(communication_hint="nccl")`, what
-      `backend_for_strategy` picks when every replica is a GPU): the same but the
-      reduce-scatter, which stays the base class's concatenation and one
-      `CollectiveAllToAllV2` plus a local sum (NCCL needs one launch order, which
-      unordered broadcasts do not keep); also what `reduce_scatter_sum` issues on
-      either collective-ops back end;
+      `backend_for_strategy` picks when every replica is a GPU): equal chunks, the
+      reduce-scatter the base class's concatenation and one `CollectiveAllToAllV2`
+      plus a local sum (NCCL needs one launch order, which unordered broadcasts do
+      not keep; also what `reduce_scatter_sum` issues on either collective-ops back
+      end), the all-gather one `CollectiveGatherV2`;
     - "tpu": the reduce-scatter is one `XlaReduceScatter`, the y all-reduce one
       `CrossReplicaSum`, the all-gather 2 (x - 1) `CollectivePermute`s, the ring
       itself (x - 1 steps, half of each piece each way round).
@@ -212,8 +215,9 @@ def torus_allreduce_counts(x_size: int, y_size: int, num_bytes: int,
        the padded buffer, x * s elements, on every back end.
     2. all-reduce of the one summed shard along y (columns of y): 2(y - 1) steps of
        ceil(s / y) elements; one op.
-    3. all-gather along x: x - 1 steps, (x - 1) * s sent; one gather of the shard
-       (collective_ops, nccl) or 2 (x - 1) neighbour permutes of half a shard (tpu).
+    3. all-gather along x: x - 1 steps, (x - 1) * s sent; x broadcasts, one from
+       each member (collective_ops), one gather of the shard (nccl) or 2 (x - 1)
+       neighbour permutes of half a shard (tpu).
   Bytes and steps are the same on every back end; only the ops issued differ.
   """
   if backend not in BACKENDS:
@@ -230,7 +234,8 @@ def torus_allreduce_counts(x_size: int, y_size: int, num_bytes: int,
   else:
     sent = (x_size - 1) * shard_bytes
     scatter_calls = 2 * (x_size - 1) if backend == "collective_ops" else 1
-    gather_calls = 2 * (x_size - 1) if backend == "tpu" else 1
+    gather_calls = {"collective_ops": x_size, "nccl": 1,
+                    "tpu": 2 * (x_size - 1)}[backend]
     scatter = PhaseCounts("reduce_scatter_x", scatter_kind, x_size, y_size,
                           scatter_calls, x_size - 1, x_size * shard_bytes, sent)
     gather = PhaseCounts("all_gather_x", "all_gather", x_size, y_size, gather_calls,

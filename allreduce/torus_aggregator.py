@@ -17,7 +17,9 @@ paper keeps gradient sums in float32, and cast back to their own dtype at the en
 Other dtypes are summed in their own dtype, one set of packs per dtype.
 """
 
+import bisect
 import dataclasses
+import itertools
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import tensorflow as tf
@@ -47,13 +49,17 @@ class Pack:
 
   Tensor `indices[i]` has `sizes[i]` elements and occupies a slot of `slots[i]`
   elements (its size rounded up to the alignment); the buffer is the slots in order
-  followed by `padding` zeros, so that its length divides evenly into shards.
+  followed by `padding` zeros. It is cut into one chunk per rank of a row, of
+  `chunk_lengths` elements in rank order: equal chunks (the padding makes the length
+  divide evenly), or chunks that end at slot boundaries, so that no tensor spans
+  two (for a back end that exchanges uneven chunks).
   """
   dtype: tf.DType
   indices: Tuple[int, ...]
   sizes: Tuple[int, ...]
   slots: Tuple[int, ...]
   padding: int
+  chunk_lengths: Tuple[int, ...]
 
   @property
   def length(self) -> int:
@@ -90,21 +96,43 @@ class Pack:
       parts.append(tf.zeros([stop - position], self.dtype))
     return parts[0] if len(parts) == 1 else tf.concat(parts, axis=0)
 
-  def to_chunks(self, members, num_chunks: int) -> List[tf.Tensor]:
-    """The flat buffer of `to_buffer` as `num_chunks` equal chunks, each built on
-    its own (a back end can then send each one without cutting it out of a copy).
-
-    `num_chunks` must divide the length (plan_packs makes it a multiple of the
-    shard count).
-    """
-    if self.length % num_chunks:
-      raise ValueError(f"a pack of {self.length} elements does not split into "
-                       f"{num_chunks} chunks")
-    if num_chunks == 1:
+  def to_chunks(self, members) -> List[tf.Tensor]:
+    """The flat buffer of `to_buffer` as its chunks (`chunk_lengths`), each built on
+    its own (a back end can then send each one without cutting it out of a copy)."""
+    if len(self.chunk_lengths) == 1:
       return [self.to_buffer(members)]
-    chunk_length = self.length // num_chunks
-    return [self.window(members, chunk * chunk_length, chunk_length)
-            for chunk in range(num_chunks)]
+    starts = itertools.accumulate(self.chunk_lengths[:-1], initial=0)
+    return [self.window(members, start, length)
+            for start, length in zip(starts, self.chunk_lengths)]
+
+  def from_chunks(self, chunks: Sequence[tf.Tensor]) -> List[tf.Tensor]:
+    """The members read back out of the buffer handed over as its `chunks`, flat,
+    in the buffer's dtype: views of the chunks, but for a member that spans two
+    (equal chunks only), which is concatenated from its parts."""
+    if len(chunks) != len(self.chunk_lengths):
+      raise ValueError(f"a pack of {len(self.chunk_lengths)} chunks, got "
+                       f"{len(chunks)}")
+    slot_starts = list(itertools.accumulate(self.slots, initial=0))
+    parts = [[] for _ in self.indices]  # the padding after the last slot is dropped
+    chunk_start = 0
+    for chunk, length in zip(chunks, self.chunk_lengths):
+      chunk_stop = chunk_start + length
+      cuts = ([chunk_start]
+              + [b for b in slot_starts if chunk_start < b < chunk_stop]
+              + [chunk_stop])
+      pieces = (tf.split(chunk, [b - a for a, b in zip(cuts, cuts[1:])])
+                if len(cuts) > 2 else [chunk])
+      for start, piece in zip(cuts, pieces):
+        member = bisect.bisect_right(slot_starts, start) - 1
+        if member < len(parts):
+          parts[member].append(piece)
+      chunk_start = chunk_stop
+    members = []
+    for member_parts, size in zip(parts, self.sizes):
+      flat = (member_parts[0] if len(member_parts) == 1
+              else tf.concat(member_parts, axis=0))
+      members.append(flat if flat.shape[0] == size else flat[:size])
+    return members
 
   def from_buffer(self, buffer: tf.Tensor) -> List[tf.Tensor]:
     """The members read back out of a flat `buffer`, flat, in the buffer's dtype."""
@@ -124,18 +152,44 @@ def _round_up(value: int, multiple: int) -> int:
   return -(-value // multiple) * multiple
 
 
+def whole_tensor_chunk_lengths(slots: Sequence[int],
+                               num_chunks: int) -> Optional[Tuple[int, ...]]:
+  """`num_chunks` non-empty runs of whole slots, each ending at the slot boundary
+  nearest its equal share of the buffer; None for fewer slots than chunks.
+
+  The runs may differ in length (lumpy tensors: ResNet-50 has 9 MiB kernels in
+  16 MiB packs). On one host that costs nothing, the work of every phase being
+  proportional to the bytes whoever does it; across hosts the longest run sets the
+  pace of its row.
+  """
+  if len(slots) < num_chunks:
+    return None
+  offsets = list(itertools.accumulate(slots, initial=0))
+  bounds = [0]
+  for k in range(1, num_chunks):
+    target = k * offsets[-1] / num_chunks
+    # Leave at least one slot for each run still to come.
+    candidates = range(bounds[-1] + 1, len(slots) - (num_chunks - k) + 1)
+    bounds.append(min(candidates, key=lambda i: abs(offsets[i] - target)))
+  bounds.append(len(slots))
+  return tuple(offsets[b] - offsets[a] for a, b in zip(bounds, bounds[1:]))
+
+
 def plan_packs(sizes: Sequence[int], dtypes: Sequence[tf.DType],
                pack_size_bytes: int, num_shards: int,
-               order: Optional[Sequence[int]] = None) -> List[Pack]:
+               order: Optional[Sequence[int]] = None,
+               whole_tensor_chunks: bool = False) -> List[Pack]:
   """Greedily fills packs of at most `pack_size_bytes`, in `order`, per dtype.
 
   `order` lists the tensor indices in the order they fill packs (default: list
   order); the packs come out in the order they were filled.
 
   A tensor larger than the cap gets a pack of its own (tensors are never split: the
-  buffer would then need a second copy). Each pack's length is a multiple of
-  `num_shards` (the row size of the reduce-scatter) times the alignment, so every
-  shard is aligned too.
+  buffer would then need a second copy). Each pack is cut into `num_shards` chunks
+  (the row size of the reduce-scatter): with `whole_tensor_chunks`, runs of whole
+  tensors (`whole_tensor_chunk_lengths`), where the pack has a tensor per chunk;
+  otherwise equal chunks, the pack's length padded to a multiple of `num_shards`
+  times the alignment, so that every chunk is aligned too.
   """
   if pack_size_bytes < 1:
     raise ValueError(f"pack_size_bytes must be positive, got {pack_size_bytes}")
@@ -146,8 +200,14 @@ def plan_packs(sizes: Sequence[int], dtypes: Sequence[tf.DType],
     indices, pack_sizes, _ = open_packs.pop(dtype)
     align = max(1, _ALIGN_BYTES // dtype.size)
     slots = tuple(_round_up(max(size, 1), align) for size in pack_sizes)
-    padding = _round_up(sum(slots), align * num_shards) - sum(slots)
-    packs.append(Pack(dtype, tuple(indices), tuple(pack_sizes), slots, padding))
+    chunk_lengths = (whole_tensor_chunk_lengths(slots, num_shards)
+                     if whole_tensor_chunks else None)
+    padding = 0
+    if chunk_lengths is None:
+      padding = _round_up(sum(slots), align * num_shards) - sum(slots)
+      chunk_lengths = ((sum(slots) + padding) // num_shards,) * num_shards
+    packs.append(Pack(dtype, tuple(indices), tuple(pack_sizes), slots, padding,
+                      chunk_lengths))
 
   for index in (range(len(sizes)) if order is None else order):
     size, dtype = sizes[index], dtypes[index]
@@ -220,8 +280,10 @@ class TorusGradientAggregator:
     summed = self.all_reduce([g for g, _ in grads_and_vars])
     return [(g, v) for g, (_, v) in zip(summed, grads_and_vars)]
 
-  def plan(self, shapes_and_dtypes) -> List[Pack]:
-    """The packs, in issue order, for tensors of these (shape, dtype)s."""
+  def plan(self, shapes_and_dtypes, uneven_chunks: bool = False) -> List[Pack]:
+    """The packs, in issue order, for tensors of these (shape, dtype)s, cut into
+    runs of whole tensors where `uneven_chunks` (the back end's
+    `exchanges_uneven_chunks`)."""
     # Backprop produces the last layer's gradients first, so packs are filled from
     # the end: the first pack's reduce-scatter can start while earlier layers still
     # back-propagate (TensorFlow's CollectiveAllReduce reverses its list for the
@@ -230,7 +292,8 @@ class TorusGradientAggregator:
                        for shape, _ in shapes_and_dtypes],
                       [communication_dtype(dtype) for _, dtype in shapes_and_dtypes],
                       self.pack_size_bytes, num_shards=self.grid.x_size,
-                      order=range(len(shapes_and_dtypes) - 1, -1, -1))
+                      order=range(len(shapes_and_dtypes) - 1, -1, -1),
+                      whole_tensor_chunks=uneven_chunks)
 
   def all_reduce(self, tensors: Sequence[Optional[tf.Tensor]]
                  ) -> List[Optional[tf.Tensor]]:
@@ -245,7 +308,8 @@ class TorusGradientAggregator:
     for t in dense:
       if not t.shape.is_fully_defined():
         raise ValueError(f"the torus aggregator needs static shapes, got {t.shape}")
-    packs = self.plan([(t.shape, t.dtype) for t in dense])
+    uneven = backend.exchanges_uneven_chunks
+    packs = self.plan([(t.shape, t.dtype) for t in dense], uneven_chunks=uneven)
     rows = self.grid.row_groups()
     columns = self.grid.column_groups()
 
@@ -253,18 +317,26 @@ class TorusGradientAggregator:
     # collectives of one kind in issue order, so pack k+1's reduce-scatter is on the
     # wire while pack k's received chunks are being summed, and pack k's all-gather
     # can start once its column all-reduce is done (all-gathers have a chain of
-    # their own, see collectives.CollectiveOpsBackend). Each pack is built as its
-    # x shards, which the collective-ops back end sends without a further copy.
-    chunks = [pack.to_chunks([dense[i] for i in pack.indices], self.grid.x_size)
-              for pack in packs]
+    # their own, or are broadcasts, see collectives.CollectiveOpsBackend). Each
+    # pack is built as its x chunks, which the collective-ops back end sends
+    # without a further copy; where chunks may be uneven they hold whole tensors,
+    # and the gathered chunks are read out as they arrive, without a gather's copy
+    # into one buffer.
+    chunks = [pack.to_chunks([dense[i] for i in pack.indices]) for pack in packs]
     shards = [backend.reduce_scatter_chunks(c, rows) for c in chunks]
     shards = [backend.all_reduce_sum(s, columns) for s in shards]
     if self.average:
       # Dividing the shard, not the full buffer, touches 1/X of the data.
       shards = [s / tf.cast(self.grid.num_replicas, s.dtype) for s in shards]
-    buffers = [backend.all_gather(s, rows) for s in shards]
-    for pack, buffer in zip(packs, buffers):
-      for index, piece in zip(pack.indices, pack.from_buffer(buffer)):
+    if uneven:
+      members = [pack.from_chunks(backend.all_gather_chunks(s, pack.chunk_lengths,
+                                                            rows))
+                 for pack, s in zip(packs, shards)]
+    else:
+      members = [pack.from_buffer(backend.all_gather(s, rows))
+                 for pack, s in zip(packs, shards)]
+    for pack, pieces in zip(packs, members):
+      for index, piece in zip(pack.indices, pieces):
         original = dense[index]
         results[present[index]] = tf.cast(
             tf.reshape(piece, original.shape), original.dtype)

@@ -32,6 +32,8 @@ _ISSUED_OPS = (
         # The base class's: the chunks concatenated, then reduce_scatter_sum.
         "reduce_scatter_chunks": ("reduce_scatter", "XlaReduceScatter"),
         "all_gather": ("all_gather", "CollectivePermute"),
+        # The base class's: all_gather, then a split.
+        "all_gather_chunks": ("all_gather", "CollectivePermute"),
     }),
     (collectives.CollectiveOpsBackend, {
         "all_reduce_sum": ("all_reduce", "CollectiveReduceV2"),
@@ -41,6 +43,9 @@ _ISSUED_OPS = (
         # send and one receive per peer, then a local sum.
         "reduce_scatter_chunks": _PAIR_BROADCASTS,
         "all_gather": ("all_gather", "CollectiveGatherV2"),
+        # Off NCCL: the shard sent to each peer and each peer's received, by a
+        # broadcast over the pair each way.
+        "all_gather_chunks": ("all_gather", _PAIR_BROADCASTS[1]),
     }),
 )
 # Under NCCL the collective-ops back end keeps the base class's
@@ -48,6 +53,7 @@ _ISSUED_OPS = (
 # the concatenated chunks go through reduce_scatter_sum, an all-to-all.
 _NCCL_ISSUED_OPS = {
     "reduce_scatter_chunks": ("all_to_all", "CollectiveAllToAllV2"),
+    "all_gather_chunks": ("all_gather", "CollectiveGatherV2"),
 }
 
 
@@ -77,8 +83,13 @@ class CollectiveRecord:
     element_bytes: bytes per payload element.
     num_ops: raw ops the call issued (the TPU all-gather is a chain of
       `CollectivePermute`s, 2 (g - 1) of them; "pair_broadcasts" are g - 1 sends
-      and g - 1 receives, 2 (g - 1), each of one chunk of n / g; everything else is
-      one op).
+      and g - 1 receives, 2 (g - 1), each of one chunk; an all-gather from
+      broadcasts is one send of the replica's shard and g - 1 receives, g;
+      everything else is one op).
+    chunk_lengths: for a call handed its buffer as chunks (`reduce_scatter_chunks`,
+      `all_gather_chunks`), the chunks' element counts in rank order (they may
+      differ: `CollectiveBackend.exchanges_uneven_chunks`); else None (g equal
+      chunks of n / g).
   """
   kind: str
   op: str
@@ -88,10 +99,11 @@ class CollectiveRecord:
   dtype: str
   element_bytes: int
   num_ops: int = 1
+  chunk_lengths: Optional[Tuple[int, ...]] = None
 
   @property
   def op_types(self) -> Tuple[str, ...]:
-    """The raw op types of `op`, each issued num_ops / len(op_types) times."""
+    """The raw op types of `op` (for broadcasts, how many of each: `num_ops`)."""
     return tuple(self.op.split("+"))
 
   @property
@@ -132,10 +144,17 @@ class CollectiveRecord:
     if n is None:
       return None
     if self.kind in ("all_to_all", "pair_broadcasts", "reduce_scatter"):
-      return (g - 1) * (n // g) * b
+      return (n - self.own_chunk_elements) * b
     if self.kind == "all_gather":
       return (g - 1) * n * b
     return 2 * (g - 1) * (-(-n // g)) * b
+
+  @property
+  def own_chunk_elements(self) -> Optional[int]:
+    """Elements of the issuing replica's own chunk of a reduce-scatter's buffer."""
+    if self.chunk_lengths is None or self.replica_id is None:
+      return None if self.num_elements is None else self.num_elements // self.group_size
+    return self.chunk_lengths[self.group.index(self.replica_id)]
 
 
 class RecordingBackend(collectives.CollectiveBackend):
@@ -169,6 +188,17 @@ class RecordingBackend(collectives.CollectiveBackend):
     self._record("all_gather", value, group_assignment)
     return result
 
+  @property
+  def exchanges_uneven_chunks(self):
+    return self.inner.exchanges_uneven_chunks
+
+  def all_gather_chunks(self, shard, lengths, group_assignment):
+    """Recorded with the shard as payload and the pieces' `chunk_lengths`."""
+    result = self.inner.all_gather_chunks(shard, lengths, group_assignment)
+    self._record("all_gather_chunks", shard, group_assignment,
+                 chunk_lengths=tuple(int(n) for n in lengths))
+    return result
+
   def reduce_scatter_chunks(self, chunks, group_assignment):
     """Forwarded whole, so the record is of what the issuing back end builds from
     the chunks (the base class's default would turn them into one
@@ -179,7 +209,8 @@ class RecordingBackend(collectives.CollectiveBackend):
     lengths = [c.shape[0] if c.shape.rank == 1 else None for c in chunks]
     buffer = tf.TensorSpec(
         [None if None in lengths else sum(lengths)], chunks[0].dtype)
-    self._record("reduce_scatter_chunks", buffer, group_assignment)
+    self._record("reduce_scatter_chunks", buffer, group_assignment,
+                 chunk_lengths=None if None in lengths else tuple(lengths))
     return result
 
   def _issuing_backend(self) -> collectives.CollectiveBackend:
@@ -188,10 +219,10 @@ class RecordingBackend(collectives.CollectiveBackend):
       backend = backend.inner
     return backend
 
-  def _record(self, method, value, group_assignment):
+  def _record(self, method, value, group_assignment, chunk_lengths=None):
     """Records the op `inner` built for `method` on the payload `value` (a tensor,
-    or the `tf.TensorSpec` of a buffer handed over as chunks); recorded after
-    `inner` returned, so a call that raised leaves no record."""
+    or the `tf.TensorSpec` of a buffer handed over as chunks of `chunk_lengths`);
+    recorded after `inner` returned, so a call that raised leaves no record."""
     context = tf.distribute.get_replica_context()
     groups = topology.check_group_assignment(group_assignment,
                                              context.num_replicas_in_sync)
@@ -207,8 +238,10 @@ class RecordingBackend(collectives.CollectiveBackend):
     num_ops = 1
     if isinstance(backend, collectives.TpuBackend) and method == "all_gather":
       num_ops = 2 * (group_size - 1)  # the ring: g - 1 steps each way round
-    if (kind, op) == _PAIR_BROADCASTS:
-      num_ops = 2 * (group_size - 1)  # a send and a receive per peer
+    if op == _PAIR_BROADCASTS[1]:
+      # A reduce-scatter: a send to and a receive from each peer; an all-gather:
+      # one send to the group and a receive from each peer.
+      num_ops = group_size if kind == "all_gather" else 2 * (group_size - 1)
     replica_id = tf.get_static_value(context.replica_id_in_sync_group)
     if replica_id is None:
       group = groups[0]
@@ -220,6 +253,7 @@ class RecordingBackend(collectives.CollectiveBackend):
     record = CollectiveRecord(
         kind=kind, op=op, replica_id=replica_id, group=tuple(group),
         shape=None if value.shape.rank is None else tuple(value.shape.as_list()),
-        dtype=value.dtype.name, element_bytes=value.dtype.size, num_ops=num_ops)
+        dtype=value.dtype.name, element_bytes=value.dtype.size, num_ops=num_ops,
+        chunk_lengths=chunk_lengths)
     with self._lock:
       self.records.append(record)

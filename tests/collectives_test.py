@@ -194,18 +194,84 @@ class CollectiveOpsBackendTest(tf.test.TestCase, parameterized.TestCase):
         tf.fill([8], float(r)), groups))
     self.assertAllEqual(outputs[5], [22.0, 22.0])
 
-  def test_reduce_scatter_chunks_needs_one_equal_chunk_per_member(self):
+  def test_reduce_scatter_chunks_needs_one_nonempty_chunk_per_member(self):
     groups = TorusTopology(4, 2).row_groups()
     with self.assertRaisesRegex(ValueError, "one chunk per member of the group"):
       run_per_replica(self.strategy, lambda r: self.backend.reduce_scatter_chunks(
           [tf.zeros([2])] * 3, groups))
-    with self.assertRaisesRegex(ValueError, "one static length"):
+    with self.assertRaisesRegex(ValueError, "non-empty 1-D chunks"):
       run_per_replica(self.strategy, lambda r: self.backend.reduce_scatter_chunks(
-          [tf.zeros([2])] * 3 + [tf.zeros([3])], groups))
+          [tf.zeros([2])] * 3 + [tf.zeros([0])], groups))
+    with self.assertRaisesRegex(ValueError, "one dtype"):
+      run_per_replica(self.strategy, lambda r: self.backend.reduce_scatter_chunks(
+          [tf.zeros([2])] * 3 + [tf.zeros([2], tf.float64)], groups))
     # The failed traces allocated no instance keys: the pairs still work.
     outputs = run_per_replica(self.strategy, lambda r: self.backend.reduce_scatter_chunks(
         [tf.fill([2], float(r + 10 * k)) for k in range(4)], groups))
     self.assertAllEqual(outputs[5], [22.0 + 40.0, 22.0 + 40.0])  # rank 1 of [4..7]
+
+  @parameterized.named_parameters(*[case for case in grid_groups()
+                                    if len(case[1][0]) > 1])
+  def test_uneven_chunks_scatter_and_gather(self, groups):
+    """Chunks of different lengths, each rank's its own: summed to their owner,
+    and the owners' shards gathered back, against NumPy."""
+    group_size = len(groups[0])
+    lengths = [3 + 5 * k for k in range(group_size)]  # 3, 8, 13, ...
+    flat = per_replica_values([sum(lengths)], np.float32, 8, seed=8)
+    offsets = np.cumsum([0] + lengths)
+
+    def step(r):
+      chunks = tf.split(tf.constant(flat[r]), lengths)
+      shard = self.backend.reduce_scatter_chunks(chunks, groups)
+      return [shard] + self.backend.all_gather_chunks(shard, lengths, groups)
+
+    outputs = run_per_replica(self.strategy, step)
+    for r in range(8):
+      group = collectives.group_of(groups, r)
+      rank = group.index(r)
+      total = reference_sum(flat, group)
+      self.assertAllEqual(outputs[0][r], total[offsets[rank]:offsets[rank + 1]])
+      for k in range(group_size):  # every rank's shard, in rank order
+        self.assertAllEqual(outputs[1 + k][r], total[offsets[k]:offsets[k + 1]])
+
+  def test_all_gather_chunks_ops_and_checks(self):
+    """Off NCCL one broadcast over the group from each member: a send of this
+    replica's shard, whose output is its own piece (the shard, not a copy), and a
+    receive from each peer; no gather. Lengths are checked before any key is
+    taken, and the equal-shard default refuses uneven ones."""
+    groups = TorusTopology(4, 2).row_groups()
+
+    @tf.function(autograph=False)
+    def run():
+      return self.strategy.run(lambda: self.backend.all_gather_chunks(
+          tf.ones([4]), [4] * 4, groups))
+
+    graph = run.get_concrete_function().graph
+    on_replica_0 = collections.Counter(
+        op.type for op in graph.get_operations()
+        if op.type.startswith("Collective") and op.device.endswith("CPU:0"))
+    self.assertEqual(on_replica_0,
+                     {"CollectiveBcastSendV2": 1, "CollectiveBcastRecvV2": 3})
+    own = graph.outputs[0].op  # replica 0 is rank 0 of [0, 1, 2, 3]
+    while own.type == "Identity":
+      own = own.inputs[0].op
+    self.assertEqual(own.type, "CollectiveBcastSendV2")
+
+    with self.assertRaisesRegex(ValueError, "one non-zero length per member"):
+      run_per_replica(self.strategy, lambda r: self.backend.all_gather_chunks(
+          tf.ones([2]), [2, 2, 2], groups))
+    with self.assertRaisesRegex(ValueError, "static length 3"):
+      run_per_replica(self.strategy, lambda r: self.backend.all_gather_chunks(
+          tf.ones([2]), [3, 3, 3, 3], groups))
+    nccl = collectives.CollectiveOpsBackend(communication_hint="nccl")
+    with self.assertRaisesRegex(ValueError, "gathers equal shards only"):
+      run_per_replica(self.strategy, lambda r: nccl.all_gather_chunks(
+          tf.ones([2]), [2, 3, 2, 2], groups))
+    # The failed traces took no instance keys: the group still works.
+    outputs = run_per_replica(self.strategy, lambda r: self.backend.all_gather_chunks(
+        tf.fill([2], float(r)), [2, 2, 2, 2], groups))
+    self.assertAllEqual([o[5] for o in outputs], [[4.0] * 2, [5.0] * 2, [6.0] * 2,
+                                                  [7.0] * 2])
 
   def test_reduce_scatter_chunks_ops_by_back_end(self):
     """Off NCCL, a pair broadcast per peer each way and no all-to-all; under NCCL

@@ -11,10 +11,14 @@ not their data.
 
 What is compared, for every replica and every pack of the aggregator's `plan` (it
 packs the gradients, last first, into buffers of at most `pack_size_bytes`, each padded to a
-multiple of x * 64 bytes), with `cost_model.torus_allreduce_counts(x, y, pack bytes)`:
+multiple of x * 64 bytes, or cut at tensor boundaries), with
+`cost_model.torus_allreduce_counts(x, y, pack bytes)`:
 
-* per phase (the model of the back end traced): the collective ops, the group size, the bytes handed to each call
-  (`payload_bytes`) and the bytes the replica sends (`bytes_sent`): taken from the
+* per phase (the model of the back end traced): the collective ops and the group
+  size, per replica; the bytes handed to each call (`payload_bytes`) and the bytes
+  sent (`bytes_sent`), per replica where chunks are equal, and summed over all
+  replicas where the back end cuts packs into uneven runs of whole tensors (the CPU
+  back end: a replica then moves its own chunk's share). Bytes are taken from the
   recorded op and its payload (an all-to-all, or the pair broadcasts of the CPU
   reduce-scatter, send the g - 1 chunks that are not the replica's own, an
   all-gather its piece to g - 1 peers, an all-reduce the ring's 2(g - 1) chunks),
@@ -30,7 +34,8 @@ Summed over packs, the totals must equal the model summed over the same packs, a
 differ from the model of one unpadded 102,228,128-byte buffer only by the padding.
 The log itself is checked against the traced graph: every collective op in the graph
 is one of a record's ops and every record's op one in the graph, with the same element
-count (a pair broadcast's send and receive carry one chunk of n / g).
+count (a broadcast's send and receive carry one chunk, of the length the record's
+`chunk_lengths` give).
 """
 
 from tests import logical_devices
@@ -73,11 +78,21 @@ def graph_ops_of(record):
   """(op type, elements) of each raw op the record's call put in the graph."""
   if record.op == "CollectivePermute":  # the TPU all-gather: half a piece per step
     return [(record.op, -(-record.num_elements // 2))] * record.num_ops
-  if record.kind == "pair_broadcasts":  # a send and a receive of one chunk per peer
-    per_type = record.num_ops // len(record.op_types)
-    return [(op, record.num_elements // record.group_size)
-            for op in record.op_types for _ in range(per_type)]
-  return [(record.op, record.num_elements)] * record.num_ops
+  send, receive = "CollectiveBcastSendV2", "CollectiveBcastRecvV2"
+  if record.op_types != (send, receive):
+    return [(record.op, record.num_elements)] * record.num_ops
+  g = record.group_size
+  rank = record.group.index(record.replica_id)
+  if record.kind == "pair_broadcasts":
+    # A reduce-scatter: each peer's chunk sent to it, this replica's own chunk
+    # received from each peer.
+    lengths = record.chunk_lengths or (record.num_elements // g,) * g
+    return ([(send, n) for k, n in enumerate(lengths) if k != rank]
+            + [(receive, lengths[rank])] * (g - 1))
+  # An all-gather: this replica's shard sent once to the row, each peer's received.
+  lengths = record.chunk_lengths or (record.num_elements,) * g
+  return ([(send, record.num_elements)]
+          + [(receive, n) for k, n in enumerate(lengths) if k != rank])
 
 
 def resnet50_gradient_shapes():
@@ -141,7 +156,8 @@ class CostModelMatchesImplementationTest(tf.test.TestCase, parameterized.TestCas
     grid = TorusTopology(x, y)
     packs = allreduce.make_torus_aggregator(
         grid, pack_size_bytes=pack_size_bytes).plan(
-            [(s, tf.float32) for s in self.shapes])
+            [(s, tf.float32) for s in self.shapes],
+            uneven_chunks=issuing.exchanges_uneven_chunks)
     models = [cost_model.torus_allreduce_counts(x, y, pack.length * 4,
                                                 backend=backend)
               for pack in packs]
@@ -154,6 +170,10 @@ class CostModelMatchesImplementationTest(tf.test.TestCase, parameterized.TestCas
 
     rows = {tuple(g) for g in grid.row_groups()}
     columns = {tuple(g) for g in grid.column_groups()}
+    # Bytes summed over all replicas, per pack and phase: with uneven chunks a
+    # replica moves its own chunk's share, and only the sum over a row is the
+    # model's x equal shares.
+    bytes_by_pack = collections.Counter()
     for replica in range(NUM_REPLICAS):
       records = log.for_replica(replica)
       # Issue order: phase by phase, each over every pack.
@@ -169,30 +189,39 @@ class CostModelMatchesImplementationTest(tf.test.TestCase, parameterized.TestCas
         self.assertIn(record.group, columns if record.kind == "all_reduce" else rows)
         by_phase[PHASE_OF_KIND[record.kind]].append(record)
 
-      totals = collections.Counter()
+      calls = 0
       for pack_index, model in enumerate(models):
         for phase in model.phases:
           issued = by_phase[phase.name][pack_index:pack_index + 1]
           measured = dict(
               collective_calls=sum(r.num_ops for r in issued),
               group_size=issued[0].group_size if issued else 1,
-              ring_steps=sum(ring_steps(r) for r in issued),
-              payload_bytes=sum(r.payload_bytes for r in issued),
-              bytes_sent=sum(r.bytes_sent for r in issued))
+              ring_steps=sum(ring_steps(r) for r in issued))
           modelled = {k: getattr(phase, k) for k in measured}
           self.assertEqual(measured, modelled, (replica, pack_index, phase.name))
           if issued:
             self.assertEqual(issued[0].kind, phase.collective)
-          totals["collective_calls"] += measured["collective_calls"]
-          totals["ring_steps"] += measured["ring_steps"]
-          totals["bytes_sent"] += measured["bytes_sent"]
+          for key in ("payload_bytes", "bytes_sent"):
+            mine = sum(getattr(r, key) for r in issued)
+            bytes_by_pack[pack_index, phase.name, key] += mine
+            if not issuing.exchanges_uneven_chunks:
+              self.assertEqual(mine, getattr(phase, key),
+                               (replica, pack_index, phase.name, key))
+          calls += measured["collective_calls"]
       # Every phase's records were matched to a pack: none left over.
-      self.assertEqual(sum(r.num_ops for v in by_phase.values() for r in v),
-                       totals["collective_calls"])
-      self.assertEqual(totals, collections.Counter(
-          collective_calls=sum(m.collective_calls for m in models),
-          ring_steps=sum(m.ring_steps for m in models),
-          bytes_sent=sum(m.bytes_sent for m in models)))
+      self.assertEqual(sum(r.num_ops for v in by_phase.values() for r in v), calls)
+      self.assertEqual(calls, sum(m.collective_calls for m in models))
+
+    for pack_index, model in enumerate(models):
+      for phase in model.phases:
+        for key in ("payload_bytes", "bytes_sent"):
+          # Exact, but for the column ring's chunks of a shard that does not divide
+          # by y: ceil() adds under one element per chunk sent, 2 (y - 1) of them.
+          slack = (2 * (y - 1) * 4 * NUM_REPLICAS
+                   if (phase.name, key) == ("all_reduce_y", "bytes_sent") else 0)
+          self.assertAllClose(bytes_by_pack[pack_index, phase.name, key],
+                              NUM_REPLICAS * getattr(phase, key), rtol=0, atol=slack,
+                              msg=f"pack {pack_index} {phase.name} {key}")
 
     # Against one unpacked buffer: the same bytes but for the packs' padding, and
     # the latency steps once per pack.

@@ -27,12 +27,13 @@ class TorusCountsTest(tf.test.TestCase, parameterized.TestCase):
   #   reduce-scatter along x: shard s = 256 / x values; (x-1) steps, sends (x-1)*s,
   #     in 2(x-1) calls (a broadcast of one shard to and from each of x-1 peers).
   #   all-reduce along y of the shard: 2(y-1) steps of s / y values.
-  #   all-gather along x: (x-1) steps, payload s, sends (x-1)*s.
+  #   all-gather along x: (x-1) steps, payload s, sends (x-1)*s, in x calls (a
+  #     broadcast over the row from each member: one send, x-1 receives).
   @parameterized.named_parameters(
       ("1x8", 1, 8, (0, 0, 0, 0), (1, 14, 1024, 14 * 128), (0, 0, 0, 0)),
-      ("2x4", 2, 4, (2, 1, 1024, 512), (1, 6, 512, 6 * 128), (1, 1, 512, 512)),
-      ("4x2", 4, 2, (6, 3, 1024, 768), (1, 2, 256, 2 * 128), (1, 3, 256, 768)),
-      ("8x1", 8, 1, (14, 7, 1024, 896), (0, 0, 0, 0), (1, 7, 128, 896)),
+      ("2x4", 2, 4, (2, 1, 1024, 512), (1, 6, 512, 6 * 128), (2, 1, 512, 512)),
+      ("4x2", 4, 2, (6, 3, 1024, 768), (1, 2, 256, 2 * 128), (4, 3, 256, 768)),
+      ("8x1", 8, 1, (14, 7, 1024, 896), (0, 0, 0, 0), (8, 7, 128, 896)),
   )
   def test_small_grids(self, x_size, y_size, scatter, reduce_y, gather):
     counts = cost_model.torus_allreduce_counts(x_size, y_size, N)
@@ -55,8 +56,8 @@ class TorusCountsTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(counts.ring_steps, 124)  # 4 (sqrt(1024) - 1)
     self.assertEqual(counts.ring_steps, cost_model.square_grid_steps(1024))
     # 62 pair broadcasts (a send to and a receive from each of 31 peers), one
-    # all-reduce, one all-gather.
-    self.assertEqual(counts.collective_calls, 64)
+    # all-reduce, 32 broadcasts over the row (one from each member).
+    self.assertEqual(counts.collective_calls, 95)
     self.assertEqual(
         cost_model.torus_allreduce_counts(32, 32, n, backend="nccl").collective_calls,
         3)
@@ -101,7 +102,7 @@ class TorusCountsTest(tf.test.TestCase, parameterized.TestCase):
 
   def test_as_dict_is_plain(self):
     as_dict = cost_model.torus_allreduce_counts(2, 4, N).as_dict()
-    self.assertEqual(as_dict["collective_calls"], 4)  # 2 + 1 + 1
+    self.assertEqual(as_dict["collective_calls"], 5)  # 2 + 1 + 2
     self.assertEqual(as_dict["ring_steps"], 8)
     self.assertEqual(as_dict["bytes_sent"], 1792)
     self.assertEqual([p["collective"] for p in as_dict["phases"]],
@@ -128,8 +129,9 @@ class TorusCountsTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(nccl.phase("all_gather_x").collective_calls, scatter_calls)
     # The TPU all-gather: x - 1 permute steps each way round the row.
     self.assertEqual(tpu.phase("all_gather_x").collective_calls, 2 * (x_size - 1))
+    # Off NCCL: a broadcast over the row from each member.
     self.assertEqual(cpu.phase("all_gather_x").collective_calls,
-                     1 if x_size > 1 else 0)
+                     x_size if x_size > 1 else 0)
 
   def test_unknown_backend(self):
     with self.assertRaisesRegex(cost_model.CostModelError, "backend"):

@@ -241,6 +241,61 @@ class PlanPacksTest(tf.test.TestCase):
     self.assertBetween(len(packs), 2, 8)
 
 
+class WholeTensorChunksTest(tf.test.TestCase, parameterized.TestCase):
+  """Packs cut into runs of whole tensors (for a back end that exchanges uneven
+  chunks), and reading a pack back out of its chunks."""
+
+  def test_runs_end_at_the_slot_boundary_nearest_an_equal_share(self):
+    # Slots 16, 144, 32, 16, 64 (272): halves end nearest 136, at 160.
+    self.assertEqual(
+        torus_aggregator.whole_tensor_chunk_lengths([16, 144, 32, 16, 64], 2),
+        (160, 112))
+    # Quarters of 272 (68, 136, 204): boundaries at offsets 16 (not 160: 68 is
+    # nearer 16), 160 and 208 (not 192), every run keeping at least one slot.
+    self.assertEqual(
+        torus_aggregator.whole_tensor_chunk_lengths([16, 144, 32, 16, 64], 4),
+        (16, 144, 48, 64))
+    # One large tensor first: it takes a run of its own, the rest share one.
+    self.assertEqual(
+        torus_aggregator.whole_tensor_chunk_lengths([1024, 16, 16], 2), (1024, 32))
+    # Fewer tensors than chunks: no such cut.
+    self.assertIsNone(torus_aggregator.whole_tensor_chunk_lengths([16, 16], 4))
+
+  def test_plan_cuts_at_tensors_and_falls_back_to_equal_chunks(self):
+    sizes = [10, 140, 30, 5, 64, 300]
+    packs = torus_aggregator.plan_packs(sizes, [tf.float32] * 6, 800, num_shards=2,
+                                        whole_tensor_chunks=True)
+    self.assertEqual([p.indices for p in packs], [(0, 1, 2, 3), (4,), (5,)])
+    whole, single, large = packs
+    self.assertEqual((whole.slots, whole.padding, whole.chunk_lengths),
+                     ((16, 144, 32, 16), 0, (160, 48)))
+    # A pack of one tensor cannot be cut between tensors: equal (padded) chunks.
+    self.assertEqual((single.padding, single.chunk_lengths), (0, (32, 32)))
+    self.assertEqual((large.length, large.chunk_lengths), (320, (160, 160)))
+    # The equal layout everywhere without the option.
+    for pack in torus_aggregator.plan_packs(sizes, [tf.float32] * 6, 800,
+                                            num_shards=2):
+      self.assertEqual(pack.chunk_lengths, (pack.length // 2,) * 2)
+
+  @parameterized.named_parameters(("whole_tensors", True), ("equal", False))
+  def test_chunks_read_back_into_the_members(self, whole_tensor_chunks):
+    rng = np.random.default_rng(3)
+    sizes = [10, 140, 30, 5, 64]
+    values = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    pack, = torus_aggregator.plan_packs(sizes, [tf.float32] * 5, 1 << 20,
+                                        num_shards=4,
+                                        whole_tensor_chunks=whole_tensor_chunks)
+    chunks = pack.to_chunks([tf.constant(v) for v in values])
+    self.assertEqual([int(c.shape[0]) for c in chunks], list(pack.chunk_lengths))
+    # The chunks are the buffer, cut.
+    self.assertAllEqual(tf.concat(chunks, 0),
+                        pack.to_buffer([tf.constant(v) for v in values]))
+    for got, want in zip(pack.from_chunks(chunks), values):
+      self.assertAllEqual(got, want)
+    with self.assertRaisesRegex(ValueError, "a pack of 4 chunks, got 3"):
+      pack.from_chunks(chunks[:3])
+
+
 class OverlapOrderTest(tf.test.TestCase):
   """What lets summation overlap backprop: packs are filled from the last gradient
   (backprop's first), and collectives on different groups are not chained."""
@@ -287,9 +342,11 @@ class OverlapOrderTest(tf.test.TestCase):
     # NCCL it is the send of the chunk replica 0 does not own, gradient 4 alone.)
     reached = gradients_reached(first)
     self.assertTrue(reached and reached <= {4, 5}, reached)
-    # The last one (the all-gather of the last pack filled) carries the first, and
-    # only those (by data: the peer's part arrives through a receive, no edge).
-    reached = gradients_reached(on_replica_0[-1], through_control=False)
+    # The last that sends data (the all-gather of the last pack filled) carries the
+    # first, and only those (by data: the peer's part arrives through a receive,
+    # no edge).
+    last = [op for op in on_replica_0 if op.type != "CollectiveBcastRecvV2"][-1]
+    reached = gradients_reached(last, through_control=False)
     self.assertTrue(reached and reached <= {0, 1}, reached)
 
   def _first_gather_waits_for_last_scatter(self, backend):
@@ -302,22 +359,39 @@ class OverlapOrderTest(tf.test.TestCase):
     @tf.function(autograph=False)
     def run():
       return strategy.run(lambda: aggregator.all_reduce(
-          [tf.fill([64], float(i)) for i in range(6)]))  # 3 packs of 2
+          [tf.fill([64], float(i), name=f"gradient_{i}")
+           for i in range(6)]))  # 3 packs of 2, the last of gradients 0 and 1
+
+    def ancestors(op, through_control=True):
+      seen, stack = {}, [op]
+      while stack:
+        node = stack.pop()
+        if node.name not in seen:
+          seen[node.name] = node
+          stack.extend(t.op for t in node.inputs)
+          if through_control:
+            stack.extend(node.control_inputs)
+      return seen
 
     ops = [op for op in run.get_concrete_function().graph.get_operations()
            if op.device.endswith("CPU:0")]
-    gathers = [op for op in ops if op.type == "CollectiveGatherV2"]
-    scatters = [op for op in ops if op.type in (
-        "CollectiveAllToAllV2", "CollectiveBcastSendV2", "CollectiveBcastRecvV2")]
-    self.assertLen(gathers, 3)
-    last_pack = scatters[-(len(scatters) // 3):]
-    seen, stack = set(), [gathers[0]]
-    while stack:
-      node = stack.pop()
-      if node.name not in seen:
-        seen.add(node.name)
-        stack.extend([t.op for t in node.inputs] + list(node.control_inputs))
-    return any(op.name in seen for op in last_pack)
+    reduces = [op for op in ops if op.type == "CollectiveReduceV2"]  # column sums
+    self.assertLen(reduces, 3)
+    # Pack 0's all-gather: what sends its column sum along the row.
+    first_gather, = [op for op in reduces[0].outputs[0].consumers()
+                     if op.type in ("CollectiveGatherV2", "CollectiveBcastSendV2")]
+    # The last pack's reduce-scatter: the ops that send gradients 0 and 1 before
+    # any column sum.
+    last_scatter = []
+    for op in ops:
+      if op.type in ("CollectiveAllToAllV2", "CollectiveBcastSendV2"):
+        sources = ancestors(op, through_control=False).values()
+        if (not any(a.type == "CollectiveReduceV2" for a in sources)
+            and {"gradient_0", "gradient_1"} & {a.name for a in sources}):
+          last_scatter.append(op)
+    self.assertNotEmpty(last_scatter)
+    seen = ancestors(first_gather)
+    return any(op.name in seen for op in last_scatter)
 
   def test_first_all_gather_does_not_wait_for_the_last_reduce_scatter(self):
     # All-gathers have a chain of their own: pack 0's can run while the last pack

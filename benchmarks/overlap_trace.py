@@ -11,13 +11,16 @@ out of the trace:
   are under `gradient_tape/` too but are computed alongside the forward pass);
 * the gradient collectives: the aggregator's reduce-scatter (off NCCL a pair
   broadcast each way per pack, `CollectiveBcastSendV2` and `RecvV2`; an
-  all-to-all under NCCL), all-reduce and all-gather ops, built under the
-  optimizer's name scope (batch norm's, forward and backward, are not).
+  all-to-all under NCCL), all-reduce and all-gather ops (off NCCL a broadcast
+  over the row from each member), built under the optimizer's name scope (batch
+  norm's, forward and backward, are not).
 
 Prints when each gradient collective started, relative to the backward pass, how
 many of each op type started during it, and last
-`gradient_collectives_started_during_backprop: <k>/<n>`: 0/n means the summation
-waited for the whole backward pass.
+`gradient_collectives_started_during_backprop: <k>/<n>` over the ops that send
+data: a broadcast receive has no input, so it starts at the top of the step and
+waits, and its start says nothing about overlap (receives are listed, not counted).
+0/n means the summation waited for the whole backward pass.
 
     .venv/bin/python benchmarks/overlap_trace.py [--depth 18] [--width 16] [--pack_mb 0.25]
 """
@@ -165,14 +168,15 @@ def main(argv=None):
   for name, op_type, start, end in gradient_collectives:
     print(f"  {op_type:22s} {start - backward_start:>9.0f} .. "
           f"{end - backward_start:>9.0f} us  {name}")
-  during = sum(1 for s in gradient_collectives if s[2] < backward_end)
+  senders = [s for s in gradient_collectives if s[1] != "CollectiveBcastRecvV2"]
+  during = sum(1 for s in senders if s[2] < backward_end)
   for op_type in _GRADIENT_COLLECTIVES:
     spans = [s for s in gradient_collectives if s[1] == op_type]
     if spans:
       print(f"  {op_type}: {sum(1 for s in spans if s[2] < backward_end)}/"
             f"{len(spans)} started during backprop")
   print("gradient_collectives_started_during_backprop: "
-        f"{during}/{len(gradient_collectives)}")
+        f"{during}/{len(senders)}")
 
 
 if __name__ == "__main__":

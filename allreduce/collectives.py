@@ -332,13 +332,13 @@ class CollectiveOpsBackend(CollectiveBackend):
   implementation of `CollectiveReduceScatterV2`). Off NCCL, `reduce_scatter_chunks`
   and `all_gather_chunks` are built from broadcasts instead, sent straight from the
   chunk: each chunk goes to its owner by a broadcast over the pair, and each summed
-  shard to its whole group by one broadcast. The all-to-all copies its whole input, the replica's own
-  chunk too, into a new buffer, and the gather copies the replica's own piece; on
-  one host those copies were the torus's cost over the ring (docs/RESULTS.md, "2-D
-  torus all-reduce"). Chunks may then differ in length, so a buffer can be cut at
-  its tensors' boundaries (`exchanges_uneven_chunks`). `timeout_seconds` bounds
-  every wait, so a missing peer fails the step instead of hanging it; 0 waits
-  forever.
+  shard to its whole group by one broadcast. The all-to-all copies its whole input,
+  the replica's own chunk too, into a new buffer, and the gather copies the
+  replica's own piece; on one host those copies were the torus's cost over the ring
+  (docs/RESULTS.md, "2-D torus all-reduce"). Chunks may then differ in length, so
+  a buffer can be cut at its tensors' boundaries (`exchanges_uneven_chunks`).
+  `timeout_seconds` bounds every wait, so a missing peer fails the step instead of
+  hanging it; 0 waits forever.
 
   `chain` names the sequence this back end's collectives are ordered in (see
   `_CollectiveKeys`): batch norm's run apart from the gradients', so a gradient

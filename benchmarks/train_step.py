@@ -18,14 +18,15 @@ rebuilds the input stream and saves a checkpoint at the end), for Keras one `fit
 (which rebuilds its input stream). The median round gives each side's images/s. Last
 line: `trainer_vs_keras: <trainer images/s / keras images/s>x`.
 
-`--compare=updates` instead times whole LARS steps of three trainers built alike but
+`--compare=updates` instead times whole LARS steps of four trainers built alike but
 for the summation and the update: the torus with every replica updating every weight
-("unsharded"), the torus with the update sharded over x ("sharded", with the overlap
-of summation and backprop), and the strategy's all-reduce packed into the same
-buffers ("packed_strategy"). Per-step times come from the trainer's own progress
-lines, each call's first step left out; it prints the optimizer-slot bytes per replica
-of each, then `torus_step_vs_packed_strategy_step: <sharded / packed strategy>x` and,
-last, `sharded_update_speedup: <unsharded / sharded>x`.
+("unsharded"), the torus with the update sharded over x ("sharded_x") and over x and
+y ("sharded", `xy`, the default with the torus), each with the overlap of summation
+and backprop, and the strategy's all-reduce packed into the same buffers
+("packed_strategy"). Per-step times come from the trainer's own progress lines, each
+call's first step left out; it prints the optimizer-slot bytes per replica of each,
+the two ratios for `sharded_x`, then `torus_step_vs_packed_strategy_step: <sharded /
+packed strategy>x` and, last, `sharded_update_speedup: <unsharded / sharded>x`.
 
 Grappler is off by default, for both sides: rewriting the graph of 8 replicas of
 ResNet-50 takes minutes on two cores. `--grappler` turns it back on.
@@ -72,11 +73,13 @@ def build_project_trainer(args, strategy, model_dir, data_root, **overrides):
   return data, run_lib.build_trainer(config, strategy, data=data)
 
 
-# --compare=updates: whole LARS steps of three trainers that differ only in how the
-# gradients are summed and the weights updated.
+# --compare=updates: whole LARS steps of trainers that differ only in how the
+# gradients are summed and the weights updated. "sharded" is the default with the
+# torus (--shard_weight_update=auto).
 UPDATE_CONTENDERS = {
     "unsharded": dict(allreduce="torus", shard_weight_update="off"),
-    "sharded": dict(allreduce="torus", shard_weight_update="x"),
+    "sharded_x": dict(allreduce="torus", shard_weight_update="x"),
+    "sharded": dict(allreduce="torus", shard_weight_update="xy"),
     "packed_strategy": dict(allreduce="strategy", shard_weight_update="off"),
 }
 
@@ -128,6 +131,10 @@ def compare_updates(args, strategy, work_dir):
     print(f"  {name:>15}: {medians[name]:.3f} s/step (median of "
           f"{len(step_seconds[name])} steps), optimizer slots "
           f"{optimizer_slot_bytes(trainer):,} bytes per replica", flush=True)
+  print("sharded_x_step_vs_packed_strategy_step: "
+        f"{medians['sharded_x'] / medians['packed_strategy']:.2f}x")
+  print("sharded_x_update_speedup: "
+        f"{medians['unsharded'] / medians['sharded_x']:.2f}x")
   print("torus_step_vs_packed_strategy_step: "
         f"{medians['sharded'] / medians['packed_strategy']:.2f}x")
   print(f"sharded_update_speedup: {medians['unsharded'] / medians['sharded']:.2f}x")

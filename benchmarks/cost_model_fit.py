@@ -46,6 +46,7 @@ def main(argv=None):
   from tests import logical_devices
   import allreduce
   from allreduce import cost_model
+  from allreduce import collectives
   from allreduce.topology import parse_grid
   from benchmarks.allreduce import resnet50_variable_shapes
   # pylint: enable=g-import-not-at-top
@@ -65,11 +66,15 @@ def main(argv=None):
     return strategy.experimental_distribute_values_from_function(per_replica)
 
   contenders = {}  # (grid, payload) -> (function, gradients, per-pack counts)
+  # The packs as the back end that runs them has them cut (whole-tensor chunks off
+  # NCCL): the model is priced on the same buffers.
+  uneven_chunks = collectives.backend_for_strategy(strategy).exchanges_uneven_chunks
   for grid in grids:
     x, y = parse_grid(grid)
     aggregator = allreduce.make_torus_aggregator((x, y))
     for payload, sizes in payloads.items():
-      packs = aggregator.plan([([n], tf.float32) for n in sizes])
+      packs = aggregator.plan([([n], tf.float32) for n in sizes],
+                              uneven_chunks=uneven_chunks)
       counts = [cost_model.torus_allreduce_counts(x, y, pack.length * 4,
                                                   backend="collective_ops")
                 for pack in packs]

@@ -112,19 +112,10 @@ class Pack:
     if len(chunks) != len(self.chunk_lengths):
       raise ValueError(f"a pack of {len(self.chunk_lengths)} chunks, got "
                        f"{len(chunks)}")
-    return self._read_members(chunks, self.chunk_lengths)
-
-  def from_buffer(self, buffer: tf.Tensor) -> List[tf.Tensor]:
-    """The members read back out of a flat `buffer`, flat, in the buffer's dtype."""
-    return self._read_members([buffer], [self.length])
-
-  def _read_members(self, chunks, chunk_lengths) -> List[tf.Tensor]:
-    """The members out of consecutive `chunks` of the buffer (of `chunk_lengths`),
-    each chunk split once at the slot boundaries inside it."""
     slot_starts = list(itertools.accumulate(self.slots, initial=0))
     parts = [[] for _ in self.indices]  # the padding after the last slot is dropped
     chunk_start = 0
-    for chunk, length in zip(chunks, chunk_lengths):
+    for chunk, length in zip(chunks, self.chunk_lengths):
       chunk_stop = chunk_start + length
       cuts = ([chunk_start]
               + [b for b in slot_starts if chunk_start < b < chunk_stop]
@@ -142,6 +133,14 @@ class Pack:
               else tf.concat(member_parts, axis=0))
       members.append(flat if flat.shape[0] == size else flat[:size])
     return members
+
+  def from_buffer(self, buffer: tf.Tensor) -> List[tf.Tensor]:
+    """The members read back out of a flat `buffer`, flat, in the buffer's dtype."""
+    slots = list(self.slots)
+    slots[-1] += self.padding
+    pieces = tf.split(buffer, slots) if len(slots) > 1 else [buffer]
+    return [piece if slot == size else piece[:size]
+            for piece, slot, size in zip(pieces, slots, self.sizes)]
 
 
 def communication_dtype(dtype: tf.DType) -> tf.DType:

@@ -221,6 +221,14 @@ def plan_packs(sizes: Sequence[int], dtypes: Sequence[tf.DType],
   return packs
 
 
+def backprop_order(count: int) -> range:
+  """Indices of `count` gradients (in variable order) in the order backprop makes
+  them: the last layer's first. Packs filled in this order can be summed while
+  earlier layers still back-propagate (TensorFlow's CollectiveAllReduce reverses
+  its list for the same reason)."""
+  return range(count - 1, -1, -1)
+
+
 def _as_grid(grid) -> TorusTopology:
   if isinstance(grid, TorusTopology):
     return grid
@@ -284,15 +292,11 @@ class TorusGradientAggregator:
     """The packs, in issue order, for tensors of these (shape, dtype)s, cut into
     runs of whole tensors where `uneven_chunks` (the back end's
     `exchanges_uneven_chunks`)."""
-    # Backprop produces the last layer's gradients first, so packs are filled from
-    # the end: the first pack's reduce-scatter can start while earlier layers still
-    # back-propagate (TensorFlow's CollectiveAllReduce reverses its list for the
-    # same reason).
     return plan_packs([tf.TensorShape(shape).num_elements()
                        for shape, _ in shapes_and_dtypes],
                       [communication_dtype(dtype) for _, dtype in shapes_and_dtypes],
                       self.pack_size_bytes, num_shards=self.grid.x_size,
-                      order=range(len(shapes_and_dtypes) - 1, -1, -1),
+                      order=backprop_order(len(shapes_and_dtypes)),
                       whole_tensor_chunks=uneven_chunks)
 
   def all_reduce(self, tensors: Sequence[Optional[tf.Tensor]]

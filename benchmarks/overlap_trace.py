@@ -22,7 +22,12 @@ data: a broadcast receive has no input, so it starts at the top of the step and
 waits, and its start says nothing about overlap (receives are listed, not counted).
 0/n means the summation waited for the whole backward pass.
 
+`--shard_weight_update x|xy` traces the sharded update instead (the default with the
+torus), whose reduce-scatters are its gradient summation; its norm all-reduce and
+weight all-gathers come after the update, so they cannot start during backprop.
+
     .venv/bin/python benchmarks/overlap_trace.py [--depth 18] [--width 16] [--pack_mb 0.25]
+        [--shard_weight_update off]
 """
 
 import argparse
@@ -116,6 +121,11 @@ def main(argv=None):
   parser.add_argument("--global_batch", type=int, default=32)
   parser.add_argument("--pack_mb", type=float, default=0.25,
                       help="the aggregator's pack cap (small: several packs)")
+  parser.add_argument("--shard_weight_update", choices=("off", "x", "xy"),
+                      default="off",
+                      help="off: trace the gradient aggregator's summation; x, xy: "
+                      "the sharded update's (the default with the torus), whose "
+                      "reduce-scatters are the ones that can overlap backprop")
   args = parser.parse_args(argv)
 
   strategy_lib.split_cpu(NUM_REPLICAS)
@@ -132,10 +142,7 @@ def main(argv=None):
       image_size=32, resnet_depth=args.depth, resnet_width=args.width,
       train_batch_size=args.global_batch, eval_batch_size=args.global_batch,
       bn_group_size=2, torus_shape=(2, 4), allreduce="torus",
-      # The gradient aggregator's summation is what is traced: with the sharded
-      # update (the default with the torus) the optimizer issues its own
-      # collectives instead.
-      shard_weight_update="off",
+      shard_weight_update=args.shard_weight_update,
       allreduce_pack_mb=args.pack_mb, train_steps=1,
       log_every_steps=1, checkpoint_every_steps=10**6)
   trainer = run_lib.build_trainer(config, strategy)
@@ -153,15 +160,18 @@ def main(argv=None):
 
   step = last_run_of_replica_0(op_spans(path))
   backward = [s for s in step if s[0].startswith("gradient_tape/")]
-  scope = trainer.model.optimizer.get_config()["name"] + "/"
+  # The aggregator's ops are built under the optimizer's name scope, the sharded
+  # update's under its own (batch norm's under neither).
+  scopes = (trainer.model.optimizer.get_config()["name"] + "/", "sharded_update/")
   gradient_collectives = sorted(
-      (s for s in step if s[1] in _GRADIENT_COLLECTIVES and s[0].startswith(scope)),
+      (s for s in step if s[1] in _GRADIENT_COLLECTIVES and s[0].startswith(scopes)),
       key=lambda s: s[2])
   backward_start = min(s[2] for s in backward if "softmax_cross_entropy" in s[0])
   backward_end = max(s[3] for s in backward)
   print(f"ResNet-{args.depth} width {args.width}, batch {args.global_batch} over "
         f"{NUM_REPLICAS} logical CPUs ({os.cpu_count()} cores), 2x4 torus, packs of "
-        f"at most {args.pack_mb:g} MiB; replica 0, times from the start of the "
+        f"at most {args.pack_mb:g} MiB, weight update sharded: "
+        f"{args.shard_weight_update}; replica 0, times from the start of the "
         "backward pass:")
   print(f"  backward pass: 0 .. {backward_end - backward_start:.0f} us "
         f"({len(backward)} ops)")

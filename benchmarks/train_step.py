@@ -25,13 +25,14 @@ y ("sharded", `xy`, the default with the torus), each with the overlap of summat
 and backprop, and the strategy's all-reduce packed into the same buffers
 ("packed_strategy"). Per-step times come from the trainer's own progress lines, each
 call's first step left out; it prints the optimizer-slot bytes per replica of each,
-the two ratios for `sharded_x`, then `torus_step_vs_packed_strategy_step: <sharded /
+each round's two headline ratios (the spread says how much a run's ratio can be
+trusted), the two ratios for `sharded_x`, then `torus_step_vs_packed_strategy_step: <sharded /
 packed strategy>x` and, last, `sharded_update_speedup: <unsharded / sharded>x`.
 
 Grappler is off by default, for both sides: rewriting the graph of 8 replicas of
 ResNet-50 takes minutes on two cores. `--grappler` turns it back on.
 
-    .venv/bin/python benchmarks/train_step.py [--rounds 3] [--steps_per_round 6] [--global_batch 32]
+    .venv/bin/python benchmarks/train_step.py [--rounds 5] [--steps_per_round 6] [--global_batch 32]
 """
 
 import argparse
@@ -95,6 +96,7 @@ def optimizer_slot_bytes(trainer):
 
 def compare_updates(args, strategy, work_dir):
   """Times whole steps of UPDATE_CONTENDERS side by side; prints the two ratios."""
+  # Per contender, one list of step times per round.
   step_seconds = {name: [] for name in UPDATE_CONTENDERS}
   active = {"name": None}
 
@@ -102,7 +104,7 @@ def compare_updates(args, strategy, work_dir):
     def emit(self, record):
       match = re.search(r"([0-9.]+) s/step", record.getMessage())
       if match and active["name"]:
-        step_seconds[active["name"]].append(float(match.group(1)))
+        step_seconds[active["name"]][-1].append(float(match.group(1)))
 
   absl_logger = logging_lib.getLogger("absl")
   absl_logger.addHandler(StepTimes())
@@ -122,15 +124,26 @@ def compare_updates(args, strategy, work_dir):
     for name, trainer in trainers.items():
       trainer.extend_run(args.steps_per_round)
       active["name"] = name
-      first = len(step_seconds[name])
+      step_seconds[name].append([])
       trainer.train()
       active["name"] = None
-      del step_seconds[name][first]  # the call's first step also starts the input
-  medians = {name: statistics.median(t) for name, t in step_seconds.items()}
+      del step_seconds[name][-1][0]  # the call's first step also starts the input
+  medians = {name: statistics.median(sum(rounds, []))
+             for name, rounds in step_seconds.items()}
   for name, trainer in trainers.items():
     print(f"  {name:>15}: {medians[name]:.3f} s/step (median of "
-          f"{len(step_seconds[name])} steps), optimizer slots "
+          f"{len(sum(step_seconds[name], []))} steps), optimizer slots "
           f"{optimizer_slot_bytes(trainer):,} bytes per replica", flush=True)
+  # The machine's speed drifts between rounds by more than the contenders differ
+  # within one: each round's ratio, of contenders timed minutes apart at most,
+  # shows whether a headline ratio holds round by round.
+  for label, numerator, denominator in (("sharded/packed_strategy", "sharded",
+                                         "packed_strategy"),
+                                        ("unsharded/sharded", "unsharded",
+                                         "sharded")):
+    ratios = [statistics.median(a) / statistics.median(b) for a, b in
+              zip(step_seconds[numerator], step_seconds[denominator])]
+    print(f"  per round, {label}: " + ", ".join(f"{r:.2f}x" for r in ratios))
   print("sharded_x_step_vs_packed_strategy_step: "
         f"{medians['sharded_x'] / medians['packed_strategy']:.2f}x")
   print("sharded_x_update_speedup: "
@@ -156,7 +169,7 @@ def main(argv=None):
   parser.add_argument("--image_size", type=int, default=32)
   parser.add_argument("--global_batch", type=int, default=32)
   parser.add_argument("--warmup_steps", type=int, default=2)
-  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--steps_per_round", type=int, default=6)
   parser.add_argument("--grappler", action="store_true",
                       help="keep grappler's graph rewrites (minutes per model)")

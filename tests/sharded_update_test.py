@@ -20,6 +20,7 @@ logical_devices.configure_logical_cpus()
 # pylint: disable=g-import-not-at-top,g-bad-import-order
 import contextlib
 import os
+import re
 import threading
 from unittest import mock
 
@@ -464,6 +465,46 @@ class ShardedUpdateTest(MatchesMixin, tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(steps, NUM_STEPS)
     self.assert_copies_match([name for name, _, _ in VARIABLE_SPECS], weights, slots,
                              [[w] * NUM_REPLICAS for w in want_weights], want_slots)
+
+  @parameterized.parameters("x", "xy")
+  def test_the_first_pack_is_summed_before_the_first_layers_gradients(self, shards):
+    """Overlap with backprop: the first reduce-scatter a replica issues (a row's
+    run in issue order) needs only the last layers' gradients, which backprop
+    makes first, not the first layer's, which it makes last."""
+    variables = make_variables()
+    optimizer = make_optimizer("lars", make_sharding((2, 4), shards))
+    with strategy().scope():
+      optimizer._create_all_weights(variables)  # pylint: disable=protected-access
+    self.assertGreater(len(optimizer._packs), 2)  # pylint: disable=protected-access
+    tables = [tf.constant(g[0]) for g in gradient_values(1)]
+
+    def replica_step():
+      replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+      grads = [tf.identity(tf.gather(t, replica), name=f"gradient_{i}")
+               for i, t in enumerate(tables)]
+      optimizer.apply_gradients(zip(grads, variables))
+
+    graph = tf.function(lambda: strategy().run(replica_step)).get_concrete_function(
+        ).graph
+    # Replica 0's ops carry no `replica_<k>/` prefix; collectives in issue order.
+    first = next(op for op in graph.get_operations()
+                 if op.type == "CollectiveAllToAllV2" and "replica_" not in op.name)
+    needed, stack = set(), [first]
+    while stack:
+      op = stack.pop()
+      for parent in [t.op for t in op.inputs] + list(op.control_inputs):
+        if parent.name not in needed:
+          needed.add(parent.name)
+          stack.append(parent)
+    gradients = sorted(int(name.split("_")[-1]) for name in needed
+                       if re.fullmatch(r"gradient_\d+", name))
+    last = len(VARIABLE_SPECS) - 1
+    self.assertIn(last, gradients)
+    self.assertNotIn(0, gradients)
+    # Every pack after the first holds earlier layers than the one before it.
+    packs = optimizer._packs  # pylint: disable=protected-access
+    for earlier, later in zip(packs, packs[1:]):
+      self.assertGreater(min(earlier.indices), max(later.indices))
 
   def test_slots_per_replica_shrink_by_the_shard_count(self):
     variables = make_variables()

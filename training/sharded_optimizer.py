@@ -42,7 +42,7 @@ from tf_keras.src.mixed_precision import loss_scale_optimizer
 from allreduce import collectives
 from allreduce.topology import TopologyError, TorusTopology
 from allreduce.torus_aggregator import (DEFAULT_PACK_SIZE_BYTES, Pack,
-                                        plan_packs)
+                                        backprop_order, plan_packs)
 from training.weight_decay import EXCLUDED_FROM_DECAY
 
 SHARD_LAYOUTS = ("x", "xy")
@@ -252,10 +252,15 @@ class ShardedUpdate:
         raise ValueError(f"{variable.name} has no static shape ({variable.shape})")
     self._strategy = tf.distribute.get_strategy()
     self._planned_variables = tuple(var_list)
+    # Filled from the last layer, as the torus aggregator's: the first pack's
+    # reduce-scatter starts while earlier layers still back-propagate (a row's
+    # reduce-scatters run in issue order, so a first pack holding the first layers
+    # would hold every pack back until backprop had finished).
     self._packs = plan_packs([v.shape.num_elements() for v in var_list],
                              [_UPDATE_DTYPE] * len(var_list),
                              self.sharding.pack_size_bytes,
-                             num_shards=self.sharding.num_shards)
+                             num_shards=self.sharding.num_shards,
+                             order=backprop_order(len(var_list)))
     if self.uses_momentum:
       # Per replica, not mirrored: every replica's shard differs. Not tracked by the
       # checkpoint (the full-size views are).

@@ -26,8 +26,8 @@ and backprop, and the strategy's all-reduce packed into the same buffers
 ("packed_strategy"). Per-step times come from the trainer's own progress lines, each
 call's first step left out; it prints the optimizer-slot bytes per replica of each,
 each round's two headline ratios (the spread says how much a run's ratio can be
-trusted), the two ratios for `sharded_x`, then `torus_step_vs_packed_strategy_step: <sharded /
-packed strategy>x` and, last, `sharded_update_speedup: <unsharded / sharded>x`.
+trusted), the two ratios for `sharded_x`, then
+`torus_step_vs_packed_strategy_step: <sharded / packed strategy>x` and, last, `sharded_update_speedup: <unsharded / sharded>x`.
 
 Grappler is off by default, for both sides: rewriting the graph of 8 replicas of
 ResNet-50 takes minutes on two cores. `--grappler` turns it back on.
@@ -128,11 +128,11 @@ def compare_updates(args, strategy, work_dir):
       trainer.train()
       active["name"] = None
       del step_seconds[name][-1][0]  # the call's first step also starts the input
-  medians = {name: statistics.median(sum(rounds, []))
-             for name, rounds in step_seconds.items()}
+  all_steps = {name: sum(rounds, []) for name, rounds in step_seconds.items()}
+  medians = {name: statistics.median(steps) for name, steps in all_steps.items()}
   for name, trainer in trainers.items():
     print(f"  {name:>15}: {medians[name]:.3f} s/step (median of "
-          f"{len(sum(step_seconds[name], []))} steps), optimizer slots "
+          f"{len(all_steps[name])} steps), optimizer slots "
           f"{optimizer_slot_bytes(trainer):,} bytes per replica", flush=True)
   # The machine's speed drifts between rounds by more than the contenders differ
   # within one: each round's ratio, of contenders timed minutes apart at most,

@@ -39,6 +39,7 @@ from allreduce.topology import TorusTopology
 from training import optimizer as optimizer_lib
 from training import weight_decay
 from training import sharded_optimizer
+from tests import graph_walk
 from tests import tpu_emulation
 
 TIMEOUT_SECONDS = 60
@@ -491,14 +492,8 @@ class ShardedUpdateTest(MatchesMixin, tf.test.TestCase, parameterized.TestCase):
     first = next(op for op in graph.get_operations()
                  if op.type in ("CollectiveBcastSendV2", "CollectiveAllToAllV2")
                  and "replica_" not in op.name)
-    needed, stack = set(), [first]
-    while stack:
-      op = stack.pop()
-      for parent in [t.op for t in op.inputs] + list(op.control_inputs):
-        if parent.name not in needed:
-          needed.add(parent.name)
-          stack.append(parent)
-    gradients = sorted(int(name.split("_")[-1]) for name in needed
+    gradients = sorted(int(name.split("_")[-1])
+                       for name in graph_walk.ancestors(first)
                        if re.fullmatch(r"gradient_\d+", name))
     packs = optimizer._packs  # pylint: disable=protected-access
     self.assertNotEmpty(gradients)

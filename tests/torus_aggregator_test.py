@@ -20,6 +20,7 @@ import allreduce
 from allreduce import collectives
 from allreduce import torus_aggregator
 from allreduce.topology import TopologyError, TorusTopology
+from tests import graph_walk
 from tests import tpu_emulation
 
 TIMEOUT_SECONDS = 60
@@ -324,18 +325,9 @@ class OverlapOrderTest(tf.test.TestCase):
     first = on_replica_0[0]
 
     def gradients_reached(op, through_control=True):
-      seen, stack, found = set(), [op], set()
-      while stack:
-        node = stack.pop()
-        if node.name in seen:
-          continue
-        seen.add(node.name)
-        if node.type == "Fill" and "gradient_" in node.name:
-          found.add(int(node.name.split("gradient_")[1].split("/")[0].split("_")[0]))
-        stack.extend(t.op for t in node.inputs)
-        if through_control:
-          stack.extend(node.control_inputs)
-      return found
+      return {int(node.name.split("gradient_")[1].split("/")[0].split("_")[0])
+              for node in graph_walk.ancestors(op, through_control).values()
+              if node.type == "Fill" and "gradient_" in node.name}
 
     # Nothing, data or control, holds the first collective back behind the first
     # layers' gradients: it needs some of pack 0's (the last two), no others. (Off
@@ -362,17 +354,6 @@ class OverlapOrderTest(tf.test.TestCase):
           [tf.fill([64], float(i), name=f"gradient_{i}")
            for i in range(6)]))  # 3 packs of 2, the last of gradients 0 and 1
 
-    def ancestors(op, through_control=True):
-      seen, stack = {}, [op]
-      while stack:
-        node = stack.pop()
-        if node.name not in seen:
-          seen[node.name] = node
-          stack.extend(t.op for t in node.inputs)
-          if through_control:
-            stack.extend(node.control_inputs)
-      return seen
-
     ops = [op for op in run.get_concrete_function().graph.get_operations()
            if op.device.endswith("CPU:0")]
     reduces = [op for op in ops if op.type == "CollectiveReduceV2"]  # column sums
@@ -385,12 +366,12 @@ class OverlapOrderTest(tf.test.TestCase):
     last_scatter = []
     for op in ops:
       if op.type in ("CollectiveAllToAllV2", "CollectiveBcastSendV2"):
-        sources = ancestors(op, through_control=False).values()
+        sources = graph_walk.ancestors(op, through_control=False).values()
         if (not any(a.type == "CollectiveReduceV2" for a in sources)
             and {"gradient_0", "gradient_1"} & {a.name for a in sources}):
           last_scatter.append(op)
     self.assertNotEmpty(last_scatter)
-    seen = ancestors(first_gather)
+    seen = graph_walk.ancestors(first_gather)
     return any(op.name in seen for op in last_scatter)
 
   def test_first_all_gather_does_not_wait_for_the_last_reduce_scatter(self):
